@@ -33,6 +33,15 @@ def fixtures_dir(sub: str) -> pathlib.Path:
 
 
 def fixture_files(sub: str, pattern: str) -> list:
-  """Discover fixture cases by listing files, for pytest parametrisation (empty when absent)."""
+  """Discover fixture cases by listing files, for `pytest.mark.parametrize`.
+
+  When the folder is absent the list holds one skipped case whose reason says where it looked, so
+  the test reports a clear skip instead of silently collecting nothing.
+  """
   folder = fixtures_root() / sub
-  return sorted(folder.glob(pattern)) if folder.is_dir() else []
+  if not folder.is_dir():
+    return [pytest.param(None, marks=pytest.mark.skip(
+        reason=f"official fixtures not found at {folder} (set SIDA_FIXTURES)"))]
+  files = sorted(folder.glob(pattern))
+  assert files, f"no fixture files match {pattern} in {folder}"
+  return [pytest.param(f, id=f.name) for f in files]
