@@ -1,0 +1,97 @@
+"""The interface between the shared training step and a distillation method.
+
+A method is a record of pure functions. The step (sida_jax/train/step.py) owns everything common — random
+draws, generator forward passes, augmentation, gradients, optimisers, EMA, devices — and calls:
+
+  critic_loss(critic_params, inputs: CriticInputs) -> (loss, metrics)
+      the loss of the network trained in the first phase of every iteration (SiD's fake score network;
+      GDD's discriminator), on generator samples produced without gradient;
+  generator_loss(x_g, inputs: GeneratorInputs) -> (loss, metrics)
+      the generator's loss as a function of its differentiable output x_g.
+
+Both see the per-device batch and divide their sums by its size; the step averages gradients over devices.
+The step never branches on a method's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from sida_jax.models.denoiser import Denoiser
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The three denoisers of a distillation run (same architecture unless a method says otherwise)."""
+  teacher: Denoiser
+  critic: Denoiser
+  generator: Denoiser
+
+
+def _pytree(cls):
+  fields = [f.name for f in dataclasses.fields(cls)]
+  return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class CriticInputs:
+  """Everything the critic loss may use, for the samples of one device."""
+  x_g: Array                      # generator samples (no gradient), after augmentation
+  augment_labels: Optional[Array]  # labels of that augmentation (None when no augmentation)
+  labels: Optional[Array]          # one-hot class labels of the batch, or None
+  real_images: Optional[Array]     # real data (methods with real data), augmented like x_g
+  real_augment_labels: Optional[Array]
+  draws: dict                      # the method's random draws (see Method.critic_draws)
+  critic_buffers: dict             # non-trainable variables of the critic
+  teacher_variables: dict
+  dropout_rng: Array
+  nimg: Array                      # images seen before this iteration (float32)
+
+
+@_pytree
+@dataclasses.dataclass(frozen=True)
+class GeneratorInputs:
+  labels: Optional[Array]
+  real_images: Optional[Array]
+  draws: dict
+  critic_variables: dict           # the critic after this iteration's update, frozen
+  teacher_variables: dict
+  dropout_rng: Array
+  nimg: Array
+
+
+DrawFn = Callable[[Array, int, tuple], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A distillation method plugged into the shared step.
+
+  Attributes:
+    critic_loss: see module docstring.
+    generator_loss: see module docstring.
+    critic_draws: (rng, batch, image_shape) -> dict of arrays with a leading batch axis; drawn globally so
+      that results do not depend on how the batch is split over devices. (The generator's own input noise
+      z of each phase is drawn by the step.)
+    generator_draws: the same for the generator phase.
+    generator_update_gate: nimg -> bool array; False skips the generator's optimiser step (SiDA stage 1).
+    critic_grad_clip: element-wise clip of critic gradients (SiDA on EDM teachers), or None.
+    uses_real_images: whether the critic phase needs real data (SiDA, GDD).
+    critic_trainable_mask: optional pytree-of-bool function of params (GDD-I style freezing) for the critic.
+    generator_trainable_mask: the same for the generator.
+  """
+  critic_loss: Callable[[Any, CriticInputs], tuple]
+  generator_loss: Callable[[Array, GeneratorInputs], tuple]
+  critic_draws: DrawFn
+  generator_draws: DrawFn
+  generator_update_gate: Callable[[Array], Array] = lambda nimg: jnp.asarray(True)
+  critic_grad_clip: Optional[float] = None
+  uses_real_images: bool = False
+  critic_trainable_mask: Optional[Callable[[Any], Any]] = None
+  generator_trainable_mask: Optional[Callable[[Any], Any]] = None

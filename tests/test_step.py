@@ -1,0 +1,148 @@
+"""The shared training step: device-count invariance, gating, EMA, non-finite handling, teacher untouched."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sida_jax.losses import sid, sida
+from sida_jax.losses.method import Networks
+from sida_jax.models import toy
+from sida_jax.train import state as state_lib
+from sida_jax.train import step as step_lib
+
+SHAPE = (2, 2, 2)
+BATCH = 16
+LABELS = 3
+
+
+def _setup(module, loss_overrides=None, batch=BATCH):
+  denoiser = toy.toy_denoiser((32, 32), label_dim=LABELS)
+  variables = toy.init_toy(denoiser, jax.random.key(0), SHAPE)
+  nets = Networks(denoiser, denoiser, denoiser)
+  config = ml_collections.ConfigDict({"loss": dict(alpha=1.0, **(loss_overrides or {}))})
+  method = module.make(config, nets)
+  spec = step_lib.StepSpec(
+      method=method, nets=nets, batch_size=batch, image_shape=SHAPE, init_sigma=2.5,
+      generator_tx=state_lib.make_optimizer(1e-3),
+      critic_tx=state_lib.make_optimizer(1e-3, clip_value=method.critic_grad_clip),
+      ema_halflife_mimg=1e-5)
+  return spec, variables
+
+
+def _batches(steps, batch=BATCH, seed=0):
+  rng = np.random.RandomState(seed)
+  def half():
+    return {"labels": np.eye(LABELS, dtype=np.float32)[rng.randint(LABELS, size=batch)],
+            "images": rng.randn(batch, *SHAPE).astype(np.float32)}
+  return [{"critic": half(), "generator": half()} for _ in range(steps)]
+
+
+def _run(spec, variables, num_devices, steps=3, state=None):
+  mesh = step_lib.make_mesh(num_devices)
+  train_step = step_lib.make_train_step(spec, mesh)
+  if state is None:
+    state = state_lib.init_state(jax.random.key(1), variables, variables, spec.generator_tx, spec.critic_tx)
+  history = []
+  for batch in _batches(steps):
+    state, metrics = train_step(state, variables, step_lib.shard_batch(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("module,overrides", [(sid, {}),
+                                               (sida, dict(adv_pool_size=2, critic_only_kimg=0.0,
+                                                           sid_only_kimg=0.0))])
+def test_one_and_eight_devices_agree(module, overrides):
+  spec, variables = _setup(module, overrides)
+  s1, h1 = _run(spec, variables, 1)
+  s8, h8 = _run(spec, variables, 8)
+  for m1, m8 in zip(h1, h8):
+    for key in ("loss_critic", "loss_generator"):
+      np.testing.assert_allclose(m1[key], m8[key], rtol=2e-5)
+  assert _max_diff(s1.generator.params, s8.generator.params) < 1e-6
+  assert _max_diff(s1.critic.params, s8.critic.params) < 1e-6
+  # The generator really moved (the comparison above is not vacuous).
+  assert _max_diff(s1.generator.params, variables["params"]) > 1e-4
+
+
+def test_sida_stage_gate_and_mixture_switch_at_the_right_kimg():
+  # batch 16: stage 1 while nimg <= 32 (steps 0..2), SiD-only while nimg <= 64 (steps 3..4), then mixed.
+  spec, variables = _setup(sida, dict(critic_only_kimg=0.032, sid_only_kimg=0.064))
+  state, history = _run(spec, variables, 1, steps=6)
+  updated = [m["generator_updated"] for m in history]
+  assert updated == [0, 0, 0, 1, 1, 1]
+  for m, nimg in zip(history, range(0, 6 * BATCH, BATCH)):
+    expected = (0.5 * m["loss_generator_sid"] + 0.5 * m["loss_generator_gan"] if nimg > 64
+                else m["loss_generator_sid"])
+    np.testing.assert_allclose(m["loss_generator"], expected, rtol=1e-6)
+  # During stage 1 the generator parameters stay exactly at their initial values.
+  s3, _ = _run(spec, variables, 1, steps=3)
+  assert _max_diff(s3.generator.params, variables["params"]) == 0.0
+
+
+def test_ema_first_step_copies_generator_then_follows_closed_form():
+  spec, variables = _setup(sid)
+  s1, h = _run(spec, variables, 1, steps=1)
+  assert h[0]["ema_beta"] == 0.0
+  assert _max_diff(s1.generator_ema, s1.generator.params) == 0.0
+  s2, h = _run(spec, variables, 1, steps=1, state=s1)
+  nimg, halflife = BATCH, min(1e-5 * 1e6, BATCH * 0.05)
+  beta = 0.5 ** (BATCH / halflife)
+  np.testing.assert_allclose(h[0]["ema_beta"], beta, rtol=1e-6)
+  expected = jax.tree.map(lambda e, p: p + beta * (e - p), s1.generator_ema, s2.generator.params)
+  assert _max_diff(s2.generator_ema, expected) < 1e-6
+
+
+def test_teacher_is_not_modified_or_donated():
+  spec, variables = _setup(sid)
+  before = jax.tree.map(np.array, variables)
+  _run(spec, variables, 1, steps=2)
+  assert _max_diff(before, variables) == 0.0   # still readable, hence not donated
+
+
+def test_nan_to_num_then_clip_then_adam():
+  grads = {"a": jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.5, -3.0])}
+  params = {"a": jnp.zeros(5)}
+  tx = state_lib.make_optimizer(1e-2, clip_value=1.0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # First Adam step with β1 = 0: −lr·g/(|g| + ε) on the cleaned, clipped gradient [0, 1, −1, 0.5, −1].
+  cleaned = np.array([0.0, 1.0, -1.0, 0.5, -1.0])
+  np.testing.assert_allclose(updates["a"], -1e-2 * cleaned / (np.abs(cleaned) + 1e-8), rtol=1e-6)
+
+
+def test_frozen_mask_keeps_parameters_bit_identical():
+  params = {"frozen": jnp.ones(3), "free": jnp.ones(3)}
+  tx = state_lib.make_optimizer(1e-2, trainable_mask=lambda p: {"frozen": False, "free": True})
+  updates, _ = tx.update({"frozen": jnp.ones(3), "free": jnp.ones(3)}, tx.init(params), params)
+  assert np.all(np.asarray(updates["frozen"]) == 0.0)
+  assert np.all(np.asarray(updates["free"]) != 0.0)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+  spec, _ = _setup(sid, batch=12)
+  with pytest.raises(ValueError, match="not divisible"):
+    step_lib.make_train_step(spec, step_lib.make_mesh(8))
+
+
+def test_torch_adam_matches_a_float64_reference_over_steps():
+  rng = np.random.RandomState(0)
+  grads = [rng.randn(50).astype(np.float32) for _ in range(5)]
+  for beta1 in (0.0, 0.9):
+    tx = state_lib.torch_adam(1e-3, beta1, 0.999, 1e-8)
+    params = jnp.zeros(50)
+    opt = tx.init(params)
+    m = v = np.zeros(50)
+    ref = np.zeros(50)
+    for t, g in enumerate(grads, 1):
+      upd, opt = tx.update(jnp.asarray(g), opt)
+      params = params + upd
+      m = beta1 * m + (1 - beta1) * g
+      v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
+      ref = ref - 1e-3 / (1 - beta1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999 ** t) + 1e-8)
+    np.testing.assert_allclose(np.asarray(params), ref, rtol=2e-6, atol=1e-9)
