@@ -1,0 +1,108 @@
+"""Defaults shared by every configuration. Each recipe file starts from `get_config()` and overrides.
+
+Every key that any mode reads is declared here, and main.py locks the config, so a misspelt
+`--config.x.y=v` fails at start-up instead of being silently ignored.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.method = "sid"             # a file in sida_jax/losses: sid | sida | sim | lsg | gdd
+  c.seed = 0
+
+  # Networks. `teacher` is an EDM/EDM2 snapshot .pkl or a folder written by `--mode convert`; when empty
+  # the teacher is a freshly initialised `network` (smoke tests, benchmarks).
+  c.teacher = ""
+  c.teacher_key = "ema"
+  c.network = ml_collections.ConfigDict()
+  c.network.class_name = "EDMPrecond"
+  c.network.kwargs = ml_collections.ConfigDict()
+  c.dropout = -1.0             # dropout of generator and critic; < 0 keeps the teacher's
+  c.dtype = "float32"          # compute dtype of the U-Nets: float32 | bfloat16 (params/σ math stay fp32)
+  c.generator_init = ""        # SiD²A: a distilled generator (.pkl, converted folder or sida_jax workdir)
+  c.force_normalize = True     # EDM2 forced weight normalisation of trained networks in train mode
+
+  c.batch_size = 256           # global
+  c.total_kimg = 500_000.0
+  c.init_sigma = 2.5           # generator input noise level σ_init
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.alpha = 1.2
+  c.loss.tmax = 800.0
+  c.loss.sigma_min = 0.002
+  c.loss.sigma_max = 80.0
+  c.loss.rho = 7.0
+  c.loss.p_mean = -1.2         # fake-score σ log-normal (EDM2 teachers: −0.4, 1.0)
+  c.loss.p_std = 1.2
+  c.loss.sigma_data = 0.5
+  c.loss.critic_scale = 1.0    # official `ls`
+  c.loss.generator_scale = 100.0  # `lsg`
+  c.loss.use_logvar = False    # EDM2 uncertainty weighting through the critic's logvar head
+  # SiDA
+  c.loss.discriminator_scale = 1.0   # `lsd` λ_D: 1 (EDM), 100 (EDM2)
+  c.loss.adversarial_scale = 0.01    # `lsg_gan` λ_adv
+  c.loss.logit_clamp = 10.0
+  c.loss.critic_grad_clip = 1.0      # element-wise; 0 = off (EDM2 loop)
+  c.loss.adv_pool_size = 0           # BCE pooling group; 0 = per-device batch (official)
+  c.loss.critic_only_kimg = 100.0
+  c.loss.sid_only_kimg = 200.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.critic_lr = 1e-5
+  c.optim.generator_lr = 1e-5
+  c.optim.critic_beta1 = 0.0
+  c.optim.generator_beta1 = 0.0
+  c.optim.beta2 = 0.999
+  c.optim.eps = 1e-8           # 1e-6 in the official fp16 runs
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.halflife_mimg = 0.5
+  c.ema.rampup_ratio = 0.05
+
+  c.augment_p = 0.0            # EDM AugmentPipe probability on generated (and real) images, critic phase
+
+  # Data: real images for SiDA/GDD; labels for conditional SiD. Keys as sida_jax.data.make_dataset
+  # ('' and 0 mean unset).
+  c.data = ml_collections.ConfigDict()
+  c.data.source = ""
+  c.data.path = ""
+  c.data.resolution = 0
+  c.data.channels = 0
+  c.data.use_labels = True
+  c.data.xflip = False
+  c.data.max_size = 0
+  c.data.data_dir = ""
+  c.data.split = "train"
+
+  # Bookkeeping (in thousands of generated images, like the official loops).
+  c.log_every_kimg = 10.0
+  c.checkpoint_every_kimg = 500.0
+  c.grid_every_kimg = 500.0
+  c.eval_every_kimg = 0.0      # 0: no periodic evaluation
+  c.max_to_keep = 3
+
+  # Sampling (`--mode sample`): EDM-style seeds, so image i never depends on batch size or devices.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.source = ""         # '' = this workdir's EMA generator; or a .pkl / converted folder
+  c.sample.seeds = "0-63"
+  c.sample.batch_size = 64
+  c.sample.teacher_steps = 0   # > 0: sample the teacher with the Heun sampler instead (NFE 2n−1)
+  c.sample.write_png = True
+
+  # Evaluation (`--mode eval`, periodic evaluation, `--mode ref`).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.detector = "inception"   # inception | mnist
+  c.eval.detector_path = ""       # pytorch-fid pt_inception-2015-12-05 weights (.pth or .npz)
+  c.eval.ref_stats = ""           # EDM .npz / EDM2 .pkl reference statistics (or from --mode ref)
+  c.eval.num_images = 50_000
+  c.eval.batch_size = 250
+  c.eval.seed_offset = 0
+  c.eval.inception_score = True
+  c.eval.precision_recall = False
+
+  # Conversion (`--mode convert`).
+  c.convert = ml_collections.ConfigDict()
+  c.convert.source = ""
+  c.convert.safetensors = ""   # also (or instead, from a workdir) write a PyTorch-named safetensors file
+  return c

@@ -1,0 +1,38 @@
+"""sida_jax command line: python main.py --config configs/X.py --workdir DIR [--mode M] [--config.a.b=v]."""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and converted networks.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "convert", "ref"], "What to do.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries:
+  """Keeps checkpointing chatter (Orbax logs every file operation at INFO) out of the progress log."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  handler = logging.get_absl_handler()
+  for h in (handler, handler.python_handler):
+    h.addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from sida_jax import cli  # after flag parsing, so --help stays fast
+  logging.info("JAX devices: %s", jax.devices())
+  cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,307 @@
+"""train_and_evaluate: data, networks, the shared step, logging, checkpoints and periodic evaluation."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import time
+from typing import Any, Iterator, Optional
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sida_jax import checkpoint, data as data_lib, sampling
+from sida_jax import augment as augment_lib
+from sida_jax.losses.method import Method, Networks
+from sida_jax.models import Network, build_network, denoiser_for, is_edm2, load_network
+from sida_jax.models import convert
+from sida_jax.train import state as state_lib
+from sida_jax.train import step as step_lib
+
+METHODS = ("sid", "sida", "sim", "lsg", "gdd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def make_method(config: ml_collections.ConfigDict, nets: Networks) -> Method:
+  """The method named by config.method: the module sida_jax/losses/<name>.py and its make()."""
+  if config.method not in METHODS:
+    raise ValueError(f"config.method={config.method!r} is not one of {', '.join(METHODS)}")
+  return importlib.import_module(f"sida_jax.losses.{config.method}").make(config, nets)
+
+
+def compute_dtype(config) -> Any:
+  if config.dtype not in DTYPES:
+    raise ValueError(f"config.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+  return DTYPES[config.dtype]
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> Network:
+  """The configured teacher snapshot/converted folder, or a freshly initialised `config.network`."""
+  dtype = compute_dtype(config)
+  if config.teacher:
+    if not os.path.exists(config.teacher):
+      raise FileNotFoundError(f"config.teacher: file not found: {config.teacher}")
+    return load_network(config.teacher, key=config.teacher_key, dtype=dtype)
+  kwargs = config.network.kwargs.to_dict()
+  module = build_network(config.network.class_name, kwargs, dtype)
+  variables = convert.init_variables(module, jax.random.key(config.seed))
+  return Network(module, variables, config.network.class_name, kwargs)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything static about a run, derived from the config."""
+  config: ml_collections.ConfigDict
+  teacher: Network
+  class_name: str
+  train_kwargs: dict          # constructor kwargs of generator and critic (dropout overridden)
+  nets: Networks
+  method: Method
+  spec: step_lib.StepSpec
+  dataset: Optional[data_lib.Dataset]
+  image_shape: tuple
+
+
+def _training_kwargs(config, teacher: Network) -> dict:
+  kwargs = dict(teacher.init_kwargs)
+  if config.dropout >= 0:
+    kwargs["dropout"] = float(config.dropout)
+  return kwargs
+
+
+def _dataset(config) -> Optional[data_lib.Dataset]:
+  if not config.data.source:
+    return None
+  options = {k: (v if v not in ("", 0) or k == "use_labels" else None) for k, v in config.data.items()}
+  return data_lib.make_dataset(options)
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+  """Validates the config against the teacher and data, and builds the step specification."""
+  dtype = compute_dtype(config)
+  teacher = load_teacher(config)
+  kwargs = _training_kwargs(config, teacher)
+  module = build_network(teacher.class_name, kwargs, dtype)
+  edm2 = is_edm2(teacher.class_name)
+  trained = denoiser_for(module, teacher.class_name, kwargs, config.loss.use_logvar)
+  nets = Networks(teacher=denoiser_for(teacher.module, teacher.class_name, teacher.init_kwargs),
+                  critic=trained, generator=dataclasses.replace(trained, has_logvar=False))
+  method = make_method(config, nets)
+  res, channels = int(kwargs["img_resolution"]), int(kwargs["img_channels"])
+  image_shape = (res, res, channels)
+  dataset = _dataset(config)
+  if method.uses_real_images and dataset is None:
+    raise ValueError(f"config.method={config.method!r} needs real data: set config.data.source")
+  if dataset is not None and dataset.has_images and tuple(dataset.image_shape) != image_shape:
+    raise ValueError(f"config.data: images are {tuple(dataset.image_shape)} but the teacher works on {image_shape}")
+  if dataset is not None and trained.label_dim and dataset.label_dim not in (0, trained.label_dim):
+    raise ValueError(f"config.data: {dataset.label_dim} classes but the teacher has label_dim {trained.label_dim}")
+  n_dev = jax.device_count()
+  if config.batch_size % n_dev:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices")
+  augment_fn = None
+  if config.augment_p > 0:
+    aug_config = augment_lib.edm_config(config.augment_p)
+    if augment_lib.augment_dim(aug_config) != trained.augment_dim:
+      raise ValueError(f"config.augment_p > 0 needs a network with augment_dim "
+                       f"{augment_lib.augment_dim(aug_config)}, the teacher has {trained.augment_dim}")
+    augment_fn = lambda rng, images: augment_lib.augment(rng, images, aug_config)
+  o = config.optim
+  transform = step_lib.identity
+  if edm2 and config.force_normalize:
+    from sida_jax.models import edm2 as edm2_lib  # pylint: disable=import-outside-toplevel
+    transform = edm2_lib.force_normalize
+  spec = step_lib.StepSpec(
+      method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
+      init_sigma=config.init_sigma,
+      generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
+                                            trainable_mask=method.generator_trainable_mask),
+      critic_tx=state_lib.make_optimizer(o.critic_lr, o.critic_beta1, o.beta2, o.eps,
+                                         clip_value=method.critic_grad_clip,
+                                         trainable_mask=method.critic_trainable_mask),
+      ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
+      augment_fn=augment_fn, generator_train_transform=transform, critic_train_transform=transform)
+  return Run(config, teacher, teacher.class_name, kwargs, nets, method, spec, dataset, image_shape)
+
+
+def initial_state(run: Run) -> state_lib.DistillState:
+  """Generator from the teacher (or config.generator_init: SiD²A), critic from the teacher (or the
+  method's own initialiser), EMA = generator."""
+  config = run.config
+  generator = run.teacher.variables
+  if config.generator_init:
+    generator = load_network(config.generator_init, dtype=compute_dtype(config)).variables
+  critic = run.teacher.variables
+  init_critic = getattr(run.method, "init_critic_variables", None)
+  if init_critic is not None:
+    critic = init_critic(jax.random.key(config.seed + 1), run.teacher.variables, run.image_shape)
+  return state_lib.init_state(jax.random.key(config.seed), generator, critic,
+                              run.spec.generator_tx, run.spec.critic_tx)
+
+
+class Batches:
+  """Two host batches per iteration (critic phase, generator phase), a pure function of the step."""
+
+  def __init__(self, run: Run):
+    self.run = run
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.local = run.config.batch_size // self.process_count
+
+  def _uniform_labels(self, step: int, phase: int) -> dict:
+    label_dim = self.run.nets.generator.label_dim
+    if not label_dim:
+      return {}
+    rng = np.random.default_rng([self.run.config.seed, step, phase])
+    labels = rng.integers(0, label_dim, size=self.run.config.batch_size)
+    rows = labels[self.process_index * self.local:(self.process_index + 1) * self.local]
+    return {"labels": np.eye(label_dim, dtype=np.float32)[rows]}
+
+  def iterate(self, start_step: int) -> Iterator[dict]:
+    dataset = self.run.dataset
+    if dataset is None:
+      step = start_step
+      while True:
+        yield {"critic": self._uniform_labels(step, 0), "generator": self._uniform_labels(step, 1)}
+        step += 1
+    it = dataset.iterate(self.run.config.batch_size, self.run.config.seed, position=2 * start_step,
+                         process_index=self.process_index, process_count=self.process_count)
+    keep_images = self.run.method.uses_real_images
+    label_dim = self.run.nets.generator.label_dim
+
+    def clean(batch):
+      out = {}
+      if keep_images and "images" in batch:
+        out["images"] = batch["images"]
+      if label_dim and batch["labels"].shape[1] == label_dim:
+        out["labels"] = batch["labels"]
+      return out
+
+    while True:
+      yield {"critic": clean(next(it)), "generator": clean(next(it))}
+
+
+def sample_grid(run: Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
+  """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint)."""
+  z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim)
+  images = _generate_fn(run)(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
+  return image_grid(sampling.to_uint8(images))
+
+
+def _generate_fn(run: Run):
+  return jax.jit(lambda v, z, y: sampling.generate(run.nets.generator, v, z, y, run.config.init_sigma))
+
+
+def image_grid(images: np.ndarray) -> np.ndarray:
+  n, h, w, c = images.shape
+  cols = int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / cols))
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, cols)
+    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+  return grid
+
+
+def _should(kimg_every: float, step: int, batch: int) -> bool:
+  """True on the step that crosses a multiple of `kimg_every` thousand images."""
+  if kimg_every <= 0:
+    return False
+  every = kimg_every * 1000
+  return math.floor((step + 1) * batch / every) > math.floor(step * batch / every)
+
+
+def maybe_initialize_distributed() -> None:
+  """jax.distributed.initialize() when a multi-process environment is configured."""
+  env = os.environ
+  multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+           or "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  if multi and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       evaluate_fn=None, stop_after_steps: Optional[int] = None) -> state_lib.DistillState:
+  """Trains until config.total_kimg, resuming from the workdir's latest checkpoint if there is one.
+
+  `evaluate_fn(run, ema_variables) -> dict` (optional) computes metrics; the lower `fid` is tracked and
+  the best EMA generator is kept under workdir/best. `stop_after_steps` ends early (tests, benchmarks).
+  """
+  maybe_initialize_distributed()
+  run = build_run(config)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    checkpoint.write_json(os.path.join(workdir, checkpoint.NETWORK_JSON),
+                          {"class_name": run.class_name, "init_kwargs": run.train_kwargs})
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  mesh = step_lib.make_mesh()
+  train_step = step_lib.make_train_step(run.spec, mesh)
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  state = initial_state(run)
+  best = {"fid": float("inf")}
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, state)
+    best["fid"] = meta.get("best_fid", best["fid"])
+    logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
+  teacher_variables = run.teacher.variables
+  batch = config.batch_size
+  total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
+  start = int(jax.device_get(state.step))
+  end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
+  batches = Batches(run).iterate(start)
+  best_mngr = checkpoint.manager(os.path.join(workdir, "best"), 1) if evaluate_fn else None
+
+  def save(step_done: int):
+    meta = {"step": step_done, "kimg": step_done * batch / 1000, "data_position": 2 * step_done,
+            "best_fid": best["fid"] if math.isfinite(best["fid"]) else None}
+    checkpoint.save(mngr, step_done, state, meta)
+
+  t_last, step_last = time.time(), start
+  t_start = time.time()
+  for step in range(start, end):
+    state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
+    done = step + 1
+    if _should(config.log_every_kimg, step, batch) or done == end:
+      metrics = jax.device_get(metrics)
+      now = time.time()
+      kimg_per_s = (done - step_last) * batch / 1000 / max(now - t_last, 1e-9)
+      scalars = {k: float(v) for k, v in metrics.items()}
+      scalars.update(kimg=done * batch / 1000, kimg_per_s=kimg_per_s)
+      writer.write_scalars(done, scalars)
+      eta = (total_steps - done) * batch / 1000 / max(kimg_per_s, 1e-9)
+      logging.info("kimg %.2f / %.2f  critic %.4g  generator %.4g  %.3f kimg/s  ETA %s",
+                   done * batch / 1000, config.total_kimg, scalars.get("loss_critic", float("nan")),
+                   scalars.get("loss_generator", float("nan")), kimg_per_s, _format_eta(eta))
+      t_last, step_last = now, done
+    if _should(config.grid_every_kimg, step, batch) or done == end:
+      ema_vars = {"params": state.generator_ema, **state.generator.buffers}
+      writer.write_images(done, {"samples": sample_grid(run, ema_vars)[None]})
+    if evaluate_fn is not None and (_should(config.eval_every_kimg, step, batch) or done == end):
+      ema_vars = {"params": state.generator_ema, **state.generator.buffers}
+      results = evaluate_fn(run, ema_vars)
+      writer.write_scalars(done, results)
+      logging.info("evaluation at kimg %.2f: %s", done * batch / 1000, results)
+      if results.get("fid", float("inf")) < best["fid"]:
+        best["fid"] = float(results["fid"])
+        checkpoint.save(best_mngr, done, {"generator_ema": state.generator_ema,
+                                          "buffers": state.generator.buffers},
+                        {"step": done, "kimg": done * batch / 1000, **{k: float(v) for k, v in results.items()}})
+    if _should(config.checkpoint_every_kimg, step, batch) or done == end:
+      save(done)
+  mngr.wait_until_finished()
+  if best_mngr is not None:
+    best_mngr.wait_until_finished()
+  writer.flush()
+  logging.info("trained %d steps in %.1f s", end - start, time.time() - t_start)
+  return state
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"
