@@ -84,15 +84,16 @@ class Replay:
             "noise": jnp.asarray(nhwc(io["G_phase/n_unit"]))}
 
   def run_critic_phase(self):
+    # Eager on purpose: for a network this small, compiling the phase costs more than running it.
     return step_lib.critic_phase(self.spec, self.state, self.teacher, self.batch("fake_phase"),
                                  self.critic_draws(), jax.random.key(1))
 
   def stored_critic(self):
     """Teacher + the stored float32 delta: the official post-Adam fake score weights, bit for bit."""
     delta = np.load(self.folder / f"{self.prefix}_fake_score_param_delta_after_step.npz")
-    teacher = flat(self.teacher["params"])
-    params = {k: (v + delta[k]).astype(np.float32) for k, v in teacher.items()}
-    params = traverse_util.unflatten_dict(params, sep=".")
+    teacher = traverse_util.flatten_dict(jax.device_get(self.teacher["params"]))
+    params = {k: (v + delta[".".join(k)]).astype(np.float32) for k, v in teacher.items()}
+    params = traverse_util.unflatten_dict(params)
     return self.state.critic.replace(params=jax.tree.map(jnp.asarray, params))
 
   def run_generator_phase(self, step=0):
