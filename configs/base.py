@@ -47,6 +47,21 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.adv_pool_size = 0           # BCE pooling group; 0 = per-device batch (official)
   c.loss.critic_only_kimg = 100.0
   c.loss.sid_only_kimg = 200.0
+  # SIM (set generator_scale = 1 for SIM and SiD-LSG, as their references do)
+  c.loss.generator_p_mean = -3.5     # generator-loss σ log-normal
+  c.loss.generator_p_std = 2.5
+  c.loss.huber_c = 0.0               # pseudo-Huber constant; 0 = 0.00054·√(C·H·W)
+  # SiD-LSG guidance scales: κ1 critic training, κ2/κ3 critic in the generator loss, κ4 teacher
+  c.loss.kappa1 = 2.0
+  c.loss.kappa2 = 2.0
+  c.loss.kappa3 = 2.0
+  c.loss.kappa4 = 2.0
+  c.loss.null_label_rate = 0.1
+  # GDD / GDD-I (the generator input level σ_max = 80 is the method's own)
+  c.loss.feature_sigmas = (0.05, 0.5, 2.0)
+  c.loss.head_width = 64
+  c.loss.r1_gamma = 1e-4
+  c.loss.freeze = False              # GDD-I: freeze the generator's convolutions as the paper names
 
   c.optim = ml_collections.ConfigDict()
   c.optim.critic_lr = 1e-5

@@ -57,7 +57,11 @@ def _generator(config, workdir):
   else:
     net = load_network(source, dtype=dtype)
     denoiser = denoiser_for(net.module, net.class_name, net.init_kwargs)
-    fn = jax.jit(lambda z, y: sampling.generate(denoiser, net.variables, z, y, config.init_sigma))
+    init_sigma = config.init_sigma
+    recorded = os.path.join(source, checkpoint.NETWORK_JSON)
+    if os.path.isfile(recorded):   # a workdir records the level its generator was trained at (GDD: 80)
+      init_sigma = checkpoint.read_json(recorded).get("init_sigma", init_sigma)
+    fn = jax.jit(lambda z, y: sampling.generate(denoiser, net.variables, z, y, init_sigma))
     what = f"one-step generator from {source}"
   res, ch = int(net.init_kwargs["img_resolution"]), int(net.init_kwargs["img_channels"])
   return fn, (res, res, ch), denoiser.label_dim, what

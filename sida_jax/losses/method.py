@@ -85,6 +85,13 @@ class Method:
     uses_real_images: whether the critic phase needs real data (SiDA, GDD).
     critic_trainable_mask: optional pytree-of-bool function of params (GDD-I style freezing) for the critic.
     generator_trainable_mask: the same for the generator.
+    critic_labels: optional (labels, critic draws) -> labels of the critic phase, used both to generate its
+      x_g and in the critic loss (SiD-LSG's null-label dropout); None keeps the batch's labels. The
+      method's critic loss applies it as well, so it must be idempotent for given draws.
+    init_critic_variables: optional (rng, teacher_variables, image_shape) -> initial critic variables, for
+      a critic that is not a copy of the teacher (GDD's discriminator heads); None: the teacher's copy.
+    init_sigma: the generator input noise level the method prescribes (GDD: σ_max = 80), to be used as the
+      step's `init_sigma`; None leaves it to the run's configuration.
   """
   critic_loss: Callable[[Any, CriticInputs], tuple]
   generator_loss: Callable[[Array, GeneratorInputs], tuple]
@@ -95,3 +102,6 @@ class Method:
   uses_real_images: bool = False
   critic_trainable_mask: Optional[Callable[[Any], Any]] = None
   generator_trainable_mask: Optional[Callable[[Any], Any]] = None
+  critic_labels: Optional[Callable[[Optional[Array], dict], Optional[Array]]] = None
+  init_critic_variables: Optional[Callable[[Array, dict, tuple], dict]] = None
+  init_sigma: Optional[float] = None

@@ -1,0 +1,1 @@
+"""Evaluation metrics: FID / Inception Score (`fid`, `inception`), precision/recall, the MNIST FID proxy."""

@@ -118,7 +118,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     transform = edm2_lib.force_normalize
   spec = step_lib.StepSpec(
       method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
-      init_sigma=config.init_sigma,
+      init_sigma=method.init_sigma or config.init_sigma,
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
                                             trainable_mask=method.generator_trainable_mask),
       critic_tx=state_lib.make_optimizer(o.critic_lr, o.critic_beta1, o.beta2, o.eps,
@@ -172,17 +172,27 @@ class Batches:
                          process_index=self.process_index, process_count=self.process_count)
     keep_images = self.run.method.uses_real_images
     label_dim = self.run.nets.generator.label_dim
+    latents = dataset.name == "edm2_latents"
 
-    def clean(batch):
+    def clean(batch, step, phase):
       out = {}
       if keep_images and "images" in batch:
-        out["images"] = batch["images"]
+        images = batch["images"]
+        if latents:
+          # EDM2 stores VAE moments; each use draws a fresh latent mean + std·ε (seeded by step/phase
+          # and this process's rows, so resumes are exact).
+          rng = np.random.default_rng([self.run.config.seed, step, phase, self.process_index, 7])
+          noise = rng.standard_normal((*images.shape[:-1], images.shape[-1] // 2)).astype(np.float32)
+          images = data_lib.edm2_final_latents(images, noise)
+        out["images"] = images
       if label_dim and batch["labels"].shape[1] == label_dim:
         out["labels"] = batch["labels"]
       return out
 
+    step = start_step
     while True:
-      yield {"critic": clean(next(it)), "generator": clean(next(it))}
+      yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
+      step += 1
 
 
 def sample_grid(run: Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
@@ -193,7 +203,7 @@ def sample_grid(run: Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
 
 
 def _generate_fn(run: Run):
-  return jax.jit(lambda v, z, y: sampling.generate(run.nets.generator, v, z, y, run.config.init_sigma))
+  return jax.jit(lambda v, z, y: sampling.generate(run.nets.generator, v, z, y, run.spec.init_sigma))
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
@@ -238,18 +248,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     checkpoint.write_json(os.path.join(workdir, checkpoint.NETWORK_JSON),
-                          {"class_name": run.class_name, "init_kwargs": run.train_kwargs})
+                          {"class_name": run.class_name, "init_kwargs": run.train_kwargs,
+                           "init_sigma": run.spec.init_sigma})
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   mesh = step_lib.make_mesh()
   train_step = step_lib.make_train_step(run.spec, mesh)
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  state = initial_state(run)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(initial_state(run), replicated)
   best = {"fid": float("inf")}
   if mngr.latest_step() is not None:
     state, meta = checkpoint.restore(mngr, state)
-    best["fid"] = meta.get("best_fid", best["fid"])
+    best["fid"] = meta.get("best_fid") or float("inf")
     logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
-  teacher_variables = run.teacher.variables
+  teacher_variables = jax.device_put(run.teacher.variables, replicated)
   batch = config.batch_size
   total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
   start = int(jax.device_get(state.step))

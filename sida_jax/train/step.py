@@ -86,6 +86,8 @@ def critic_phase(spec: StepSpec, state: state_lib.DistillState, teacher_variable
   k_drop, k_aug_fake, k_aug_real = jax.random.split(rng, 3)
   nimg = state.nimg(spec.batch_size)
   labels = batch.get("labels")
+  if spec.method.critic_labels is not None:
+    labels = spec.method.critic_labels(labels, draws)   # e.g. SiD-LSG's null-label dropout
   x_g = sampling.generate(spec.nets.generator, state.generator.variables, draws["z"], labels, spec.init_sigma)
   x_g = jax.lax.stop_gradient(x_g)
   real = batch.get("images") if spec.method.uses_real_images else None
