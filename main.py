@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and converted networks.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "convert", "ref"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "teacher", "sample", "eval", "convert", "ref", "pipeline"], "What to do.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -24,9 +24,7 @@ class _QuietLibraries:
 
 
 def main(argv):
-  handler = logging.get_absl_handler()
-  for h in (handler, handler.python_handler):
-    h.addFilter(_QuietLibraries())
+  logging.get_absl_logger().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from sida_jax import cli  # after flag parsing, so --help stays fast

@@ -75,6 +75,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema.halflife_mimg = 0.5
   c.ema.rampup_ratio = 0.05
 
+  # Teacher training from scratch (`--mode teacher`, the MNIST demo): EDM loss on config.data.
+  c.teacher_training = ml_collections.ConfigDict()
+  c.teacher_training.lr = 1e-3
+  c.teacher_training.lr_rampup_kimg = 10.0
+  c.teacher_training.beta1 = 0.9
+
   c.augment_p = 0.0            # EDM AugmentPipe probability on generated (and real) images, critic phase
 
   # Data: real images for SiDA/GDD; labels for conditional SiD. Keys as sida_jax.data.make_dataset

@@ -56,9 +56,13 @@ def restore_raw(directory: str, step: Optional[int] = None) -> tuple:
 def write_json(path: str, data: dict) -> None:
   """Atomic JSON write (temporary file + rename), so a crash never leaves half a file."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(data, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):   # only when dumping failed: no half-written leftovers
+      os.remove(tmp)
 
 
 def read_json(path: str) -> dict:

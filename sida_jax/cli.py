@@ -14,7 +14,7 @@ from sida_jax import checkpoint, evaluation, sampling
 from sida_jax.models import build_network, convert, denoiser_for, load_network
 from sida_jax.train import loop
 
-MODES = ("train", "sample", "eval", "convert", "ref")
+MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -22,26 +22,35 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}")
   if not workdir:
     raise ValueError("--workdir is required")
-  {"train": train, "sample": sample, "eval": evaluate, "convert": convert_network, "ref": reference}[mode](
+  {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate, "convert": convert_network, "ref": reference}[mode](
       config, workdir)
 
 
-def train(config, workdir):
-  evaluate_fn = None
-  if config.eval_every_kimg > 0:
-    detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
-    reference_cache = {}
+def _periodic_evaluator(config):
+  """evaluate_fn(run, ema_variables) -> results, for train_and_evaluate."""
+  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
+  reference_cache = {}
 
-    def evaluate_fn(run, ema_variables):
-      res = run.image_shape[0]
-      if res not in reference_cache:
-        reference_cache[res] = evaluation.reference_statistics(detector, config.eval.ref_stats, res)
-      generate = loop._generate_fn(run)  # pylint: disable=protected-access
-      return evaluation.evaluate(lambda z, y: generate(ema_variables, z, y), run.image_shape,
-                                 run.nets.generator.label_dim, detector, reference_cache[res],
-                                 config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
-                                 config.eval.inception_score)
+  def evaluate_fn(run, ema_variables):
+    res = run.image_shape[0]
+    if res not in reference_cache:
+      reference_cache[res] = evaluation.reference_statistics(detector, config.eval.ref_stats, res)
+    generate = loop._generate_fn(run)  # pylint: disable=protected-access
+    return evaluation.evaluate(lambda z, y: generate(ema_variables, z, y), run.image_shape,
+                               run.nets.generator.label_dim, detector, reference_cache[res],
+                               config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
+                               config.eval.inception_score)
+  return evaluate_fn
+
+
+def train(config, workdir):
+  evaluate_fn = _periodic_evaluator(config) if config.eval_every_kimg > 0 else None
   loop.train_and_evaluate(config, workdir, evaluate_fn=evaluate_fn)
+
+
+def train_teacher(config, workdir):
+  from sida_jax.train import teacher  # pylint: disable=import-outside-toplevel
+  teacher.train_teacher(config, workdir)
 
 
 def _generator(config, workdir):
@@ -52,7 +61,11 @@ def _generator(config, workdir):
     net = loop.load_teacher(config)
     denoiser = denoiser_for(net.module, net.class_name, net.init_kwargs)
     steps = config.sample.teacher_steps
-    fn = jax.jit(lambda z, y: sampling.heun_sample(denoiser, net.variables, z, y, num_steps=steps))
+    # EDM's sampler keeps the schedule inside the network's own σ range (VE: σ_min = 0.02).
+    sigma_min = max(0.002, float(getattr(net.module, "sigma_min", 0.0)))
+    sigma_max = min(80.0, float(getattr(net.module, "sigma_max", float("inf"))))
+    fn = jax.jit(lambda z, y: sampling.heun_sample(denoiser, net.variables, z, y, num_steps=steps,
+                                                   sigma_min=sigma_min, sigma_max=sigma_max))
     what = f"teacher, Heun {steps} steps (NFE {2 * steps - 1})"
   else:
     net = load_network(source, dtype=dtype)
@@ -137,3 +150,122 @@ def reference(config, workdir):
   path = os.path.join(workdir, "ref_stats.npz")
   fid.save_reference_stats(path, mu, sigma)
   logging.info("reference statistics of %d images written to %s", n, path)
+
+
+def pipeline(config, workdir):
+  """The MNIST demo (configs/mnist.py): teacher → Heun FID-proxy → each method → plot and summary."""
+  import time  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+  methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+  for m in methods:
+    if m not in config:
+      raise ValueError(f"config.methods names {m!r} but the config has no {m!r} section")
+  os.makedirs(workdir, exist_ok=True)
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = checkpoint.read_json(summary_path) if os.path.isfile(summary_path) else {}
+
+  # 1. Teacher.
+  teacher_dir = os.path.join(workdir, "teacher")
+  if "teacher" not in summary:
+    t0 = time.time()
+    teacher_lib.train_teacher(config.teacher, teacher_dir)
+    summary["teacher"] = {"kimg": config.teacher.total_kimg, "train_seconds": time.time() - t0}
+    checkpoint.write_json(summary_path, summary)
+  network_dir = os.path.join(teacher_dir, "network")
+
+  # 2. The teacher's own FID-proxy with EDM's Heun sampler.
+  if "fid" not in summary["teacher"]:
+    t_config = config.teacher.copy_and_resolve_references()
+    with t_config.unlocked():
+      t_config.teacher = network_dir
+      t_config.sample.teacher_steps = config.teacher_heun_steps
+    t0 = time.time()
+    generate, image_shape, label_dim, _ = _generator(t_config, teacher_dir)
+    detector = evaluation.make_detector(t_config.eval.detector, t_config.eval.detector_path)
+    reference = evaluation.reference_statistics(detector, t_config.eval.ref_stats, image_shape[0])
+    results = evaluation.evaluate(generate, image_shape, label_dim, detector, reference,
+                                  t_config.eval.num_images, t_config.eval.batch_size, inception_score=False)
+    summary["teacher"].update(fid=float(results["fid"]), nfe=2 * config.teacher_heun_steps - 1,
+                              eval_seconds=time.time() - t0)
+    images = np.concatenate(list(evaluation.generated_batches(generate, list(range(64)), image_shape,
+                                                              label_dim, 64)))
+    _save_grid(os.path.join(workdir, "grid_teacher.png"), images)
+    checkpoint.write_json(summary_path, summary)
+
+  # 3. Each method, resumable, with its periodic FID-proxy.
+  for m in methods:
+    m_config = config[m].copy_and_resolve_references()
+    with m_config.unlocked():
+      m_config.teacher = network_dir
+    m_dir = os.path.join(workdir, m)
+    t0 = time.time()
+    state = loop.train_and_evaluate(m_config, m_dir, evaluate_fn=_periodic_evaluator(m_config))
+    history = _read_history(os.path.join(m_dir, loop.EVAL_HISTORY))
+    summary[m] = {"kimg": m_config.total_kimg, "train_seconds": time.time() - t0,
+                  "fid_history": history, "final_fid": history[-1]["fid"] if history else None,
+                  "best_fid": min((h["fid"] for h in history), default=None)}
+    run = loop.build_run(m_config)
+    ema = {"params": state.generator_ema, **state.generator.buffers}
+    generate = loop._generate_fn(run)  # pylint: disable=protected-access
+    images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),
+                                                              list(range(64)), run.image_shape, 0, 64)))
+    _save_grid(os.path.join(workdir, f"grid_{m}.png"), images)
+    checkpoint.write_json(summary_path, summary)
+
+  _plot(os.path.join(workdir, "fid_vs_kimg.png"), summary, methods)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(_summary_table(summary, methods))
+  logging.info("MNIST demo done:\n%s", _summary_table(summary, methods))
+
+
+def _read_history(path: str) -> list:
+  import json  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    return []
+  by_kimg = {}
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        by_kimg[row["kimg"]] = row   # a re-run after a crash may repeat a point: keep the last
+  return [by_kimg[k] for k in sorted(by_kimg)]
+
+
+def _save_grid(path: str, images: np.ndarray) -> None:
+  grid = loop.image_grid(images)
+  PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def _plot(path: str, summary: dict, methods: list) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for m in methods:
+    hist = summary.get(m, {}).get("fid_history", [])
+    if hist:
+      ax.plot([h["kimg"] for h in hist], [h["fid"] for h in hist], marker="o", label=f"{m} (1 step)")
+  teacher = summary.get("teacher", {})
+  if "fid" in teacher:
+    ax.axhline(teacher["fid"], color="k", linestyle="--", label=f"teacher (Heun, NFE {teacher['nfe']})")
+  ax.set_xlabel("kimg (generated images seen / 1000)")
+  ax.set_ylabel("FID-proxy (MNIST features)")
+  ax.set_yscale("log")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _summary_table(summary: dict, methods: list) -> str:
+  t = summary.get("teacher", {})
+  rows = ["| model | NFE | FID-proxy | kimg | wall-clock (s) |", "|---|---|---|---|---|",
+          f"| teacher (EDM, Heun) | {t.get('nfe', '')} | {t.get('fid', float('nan')):.3f} | "
+          f"{t.get('kimg', '')} | {t.get('train_seconds', 0):.0f} train + {t.get('eval_seconds', 0):.0f} sample/eval |"]
+  for m in methods:
+    s = summary.get(m, {})
+    if s:
+      rows.append(f"| {m} (one step) | 1 | {s['final_fid']:.3f} (best {s['best_fid']:.3f}) | {s['kimg']} | "
+                  f"{s['train_seconds']:.0f} |")
+  return "\n".join(rows) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,6 +36,8 @@ class Detector:
         logits.append(np.asarray(lg))
       if keep_features:
         kept.append(feats)
+    if moments is None:
+      raise ValueError(f"{self.name} detector: no images to compute statistics of")
     mu, sigma = moments.mean_and_covariance()
     return (mu, sigma, np.concatenate(logits) if logits else None,
             np.concatenate(kept) if kept else None)
@@ -48,6 +51,9 @@ def make_detector(detector: str, detector_path: str = "") -> Detector:
       images = np.asarray(images, np.float32) / 127.5 - 1.0
       if images.shape[-1] == 3:
         images = images.mean(axis=-1, keepdims=True)
+      res = mnist_resolution(images.shape[1])
+      if images.shape[1:3] != (res, res):   # e.g. the 16×16 smoke network: the net only takes 28 or 32
+        images = np.asarray(jax.image.resize(images, (images.shape[0], res, res, 1), "bilinear"))
       return mnist_features.mnist_features(images), None
     return Detector("mnist", mnist)
   if detector == "inception":
@@ -67,12 +73,17 @@ def make_detector(detector: str, detector_path: str = "") -> Detector:
   raise ValueError(f"config.eval.detector={detector!r} is not one of {', '.join(DETECTORS)}")
 
 
+def mnist_resolution(resolution: int) -> int:
+  """The MNIST feature net's input size for images of `resolution`: 28 or 32 as they are, else 32 (resized)."""
+  return resolution if resolution in (28, 32) else 32
+
+
 def reference_statistics(detector: Detector, ref_stats: str, resolution: int) -> tuple:
   if ref_stats:
     return fid_lib.load_reference_stats(ref_stats)
   if detector.name == "mnist":
     from sida_jax.metrics import mnist_features  # pylint: disable=import-outside-toplevel
-    return mnist_features.mnist_reference_stats(resolution)
+    return mnist_features.mnist_reference_stats(mnist_resolution(resolution))
   raise ValueError("config.eval.ref_stats: reference statistics are required for the Inception FID "
                    "(EDM's cifar10-32x32.npz etc., or `--mode ref` on a dataset)")
 

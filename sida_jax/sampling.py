@@ -69,8 +69,13 @@ def heun_sample(denoiser: Denoiser, variables: dict, latents: Array, labels: Opt
 
 
 def to_uint8(images: Array) -> np.ndarray:
-  """The official image quantisation floor(clip(127.5·x + 128, 0, 255)) (note the +128, then truncation)."""
-  return np.clip(np.asarray(images, np.float64) * 127.5 + 128, 0, 255).astype(np.uint8)
+  """The official image quantisation floor(clip(127.5·x + 128, 0, 255)) (note the +128, then truncation).
+
+  Computed in float32 like the official torch code: float64 arithmetic truncates differently just below
+  integers (e.g. x = 0.3843137 gives 177 in float32, 176 in float64).
+  """
+  scaled = np.asarray(images, np.float32) * np.float32(127.5) + np.float32(128)
+  return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def parse_seeds(spec: str | Sequence[int]) -> list:
@@ -82,13 +87,12 @@ def parse_seeds(spec: str | Sequence[int]) -> list:
     part = part.strip()
     if not part:
       continue
-    if "-" in part:
-      lo, hi = part.split("-", 1)
-      if int(hi) < int(lo):
-        raise ValueError(f"bad seed range {part!r}: end before start")
-      seeds.extend(range(int(lo), int(hi) + 1))
-    else:
-      seeds.append(int(part))
+    lo, sep, hi = part.partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+      raise ValueError(f"bad seed {part!r} in {spec!r}: expected N or N-M with non-negative integers")
+    if sep and int(hi) < int(lo):
+      raise ValueError(f"bad seed range {part!r}: end before start")
+    seeds.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
   if not seeds:
     raise ValueError(f"no seeds in {spec!r}")
   return seeds

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 Variables = dict
+MODES = ("decoder", "encoder", "encoder_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,8 @@ class Denoiser:
                rng: Optional[Array] = None, mode: str = "decoder",
                want_logvar: bool = False) -> DenoiserOutput:
     """Runs the network. `mode` is 'decoder', 'encoder' or 'encoder_decoder' (SiDA)."""
+    if mode not in MODES:   # checked first: a network may not reject an unknown flag itself
+      raise ValueError(f"unknown network mode {mode!r}: expected 'decoder', 'encoder' or 'encoder_decoder'")
     kwargs: dict[str, Any] = dict(train=train, return_flag=mode)
     if self.accepts_augment_labels:
       kwargs["augment_labels"] = augment_labels
@@ -67,9 +70,7 @@ class Denoiser:
       return DenoiserOutput(denoised=parts[0], logvar=logvar)
     if mode == "encoder":
       return DenoiserOutput(logits=parts[0], logvar=logvar)
-    if mode == "encoder_decoder":
-      return DenoiserOutput(denoised=parts[0], logits=parts[1], logvar=logvar)
-    raise ValueError(f"unknown network mode {mode!r}: expected 'decoder', 'encoder' or 'encoder_decoder'")
+    return DenoiserOutput(denoised=parts[0], logits=parts[1], logvar=logvar)
 
   def zero_augment_labels(self, batch: int) -> Optional[Array]:
     return jnp.zeros((batch, self.augment_dim), jnp.float32) if self.augment_dim else None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
 METHODS = ("sid", "sida", "sim", "lsg", "gdd")
+EVAL_HISTORY = "eval_history.jsonl"   # one JSON line per periodic evaluation
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -238,8 +240,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn=None, stop_after_steps: Optional[int] = None) -> state_lib.DistillState:
   """Trains until config.total_kimg, resuming from the workdir's latest checkpoint if there is one.
 
-  `evaluate_fn(run, ema_variables) -> dict` (optional) computes metrics; the lower `fid` is tracked and
-  the best EMA generator is kept under workdir/best. `stop_after_steps` ends early (tests, benchmarks).
+  `evaluate_fn(run, ema_variables) -> dict` (optional) computes metrics, logged and appended to
+  workdir/eval_history.jsonl; the lower `fid` is tracked and the best EMA generator is kept under
+  workdir/best. `stop_after_steps` ends early (tests, benchmarks).
   """
   maybe_initialize_distributed()
   run = build_run(config)
@@ -296,8 +299,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       writer.write_images(done, {"samples": sample_grid(run, ema_vars)[None]})
     if evaluate_fn is not None and (_should(config.eval_every_kimg, step, batch) or done == end):
       ema_vars = {"params": state.generator_ema, **state.generator.buffers}
-      results = evaluate_fn(run, ema_vars)
+      results = {k: float(v) for k, v in evaluate_fn(run, ema_vars).items()}
       writer.write_scalars(done, results)
+      if is_main:
+        with open(os.path.join(workdir, EVAL_HISTORY), "a") as f:
+          f.write(json.dumps({"kimg": done * batch / 1000, "step": done, **results}) + "\n")
       logging.info("evaluation at kimg %.2f: %s", done * batch / 1000, results)
       if results.get("fid", float("inf")) < best["fid"]:
         best["fid"] = float(results["fid"])

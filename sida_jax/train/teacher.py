@@ -1,0 +1,135 @@
+"""Training an EDM teacher from scratch (EDM loss, Adam with LR ramp-up, EMA) — used by the MNIST demo.
+
+Not a distillation method (those share sida_jax/train/step.py); it reuses the data pipeline, the Orbax
+checkpoints (exact resume), the networks and the EMA rule. The final EMA network is written as a converted
+folder (`<workdir>/network`), which distillation configs name as `teacher`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional
+
+from absl import logging
+from clu import metric_writers
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sida_jax import checkpoint
+from sida_jax.losses import edm as edm_loss_lib
+from sida_jax.models import build_network, convert, denoiser_for
+from sida_jax.train import loop
+from sida_jax.train import state as state_lib
+from sida_jax.train import step as step_lib
+
+
+@flax.struct.dataclass
+class TeacherState:
+  step: jax.Array
+  rng: jax.Array
+  params: dict
+  buffers: dict
+  ema: dict
+  opt_state: optax.OptState
+
+
+def _optimizer(config) -> optax.GradientTransformation:
+  t = config.teacher_training
+  rampup_steps = max(t.lr_rampup_kimg * 1000 / config.batch_size, 1e-8)
+  # EDM: lr·min(nimg / rampup, 1), applied as a scale on the Adam step.
+  schedule = lambda count: t.lr * jnp.minimum(count.astype(jnp.float32) / rampup_steps, 1.0)
+  return optax.chain(state_lib.nan_to_num_gradients(),
+                     state_lib.torch_adam(1.0, t.beta1, config.optim.beta2, config.optim.eps),
+                     optax.scale_by_schedule(schedule))
+
+
+def make_teacher_step(config, denoiser, tx, mesh):
+  batch = config.batch_size
+
+  def train_step(state: TeacherState, images, labels):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss_fn = lambda p: edm_loss_lib.edm_loss(denoiser, p, state.buffers, images, labels, rng,
+                                              config.loss.p_mean, config.loss.p_std, config.loss.sigma_data)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    nimg = state.step.astype(jnp.float32) * batch
+    beta = state_lib.ema_beta(nimg, batch, config.ema.halflife_mimg, config.ema.rampup_ratio or None)
+    ema = state_lib.ema_update(state.ema, params, beta)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
+
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(step_lib.AXIS))
+  return jax.jit(train_step, in_shardings=(replicated, sharded, sharded),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+def train_teacher(config: ml_collections.ConfigDict, workdir: str,
+                  stop_after_steps: Optional[int] = None) -> TeacherState:
+  """Trains config.network on config.data with the EDM loss for config.total_kimg; resumable."""
+  loop.maybe_initialize_distributed()
+  kwargs = config.network.kwargs.to_dict()
+  module = build_network(config.network.class_name, kwargs, loop.compute_dtype(config))
+  denoiser = denoiser_for(module, config.network.class_name, kwargs)
+  dataset = loop._dataset(config)  # pylint: disable=protected-access
+  if dataset is None or not dataset.has_images:
+    raise ValueError("config.data.source: teacher training needs an image dataset")
+  shape = (int(kwargs["img_resolution"]), int(kwargs["img_resolution"]), int(kwargs["img_channels"]))
+  if tuple(dataset.image_shape) != shape:
+    raise ValueError(f"config.data: images are {tuple(dataset.image_shape)} but config.network expects {shape}")
+  mesh = step_lib.make_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.devices.size} devices")
+  tx = _optimizer(config)
+  variables = convert.init_variables(module, jax.random.key(config.seed))
+  params, buffers = state_lib.split_variables(variables)
+  state = TeacherState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+                       params=params, buffers=buffers, ema=jax.tree.map(jnp.array, params),
+                       opt_state=tx.init(params))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
+  if mngr.latest_step() is not None:
+    state, _ = checkpoint.restore(mngr, state)
+    logging.info("resumed teacher training at step %d", int(state.step))
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  train_step = make_teacher_step(config, denoiser, tx, mesh)
+  batch = config.batch_size
+  total = int(math.ceil(config.total_kimg * 1000 / batch))
+  start = int(jax.device_get(state.step))
+  end = total if stop_after_steps is None else min(total, start + stop_after_steps)
+  it = dataset.iterate(batch, config.seed, position=start, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+  label_dim = denoiser.label_dim
+  t0, last = time.time(), start
+  for step in range(start, end):
+    host = next(it)
+    labels = host["labels"] if label_dim else np.zeros((host["images"].shape[0], 0), np.float32)
+    images, labels = step_lib.shard_batch((host["images"], labels), mesh)
+    state, metrics = train_step(state, images, labels if label_dim else None)
+    done = step + 1
+    if loop._should(config.log_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      rate = (done - last) * batch / 1000 / max(time.time() - t0, 1e-9)
+      writer.write_scalars(done, {**m, "kimg": done * batch / 1000, "kimg_per_s": rate})
+      logging.info("teacher kimg %.1f / %.1f  loss %.4g  %.3f kimg/s  ETA %s", done * batch / 1000,
+                   config.total_kimg, m["loss"], rate,
+                   loop._format_eta((total - done) * batch / 1000 / max(rate, 1e-9)))  # pylint: disable=protected-access
+      t0, last = time.time(), done
+    if loop._should(config.checkpoint_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
+      checkpoint.save(mngr, done, state, {"step": done, "kimg": done * batch / 1000, "data_position": done})
+  mngr.wait_until_finished()
+  if end == total and is_main:
+    checkpoint.save_network(os.path.join(workdir, "network"), config.network.class_name, kwargs,
+                            jax.device_get({"params": state.ema, **state.buffers}))
+  writer.flush()
+  return state

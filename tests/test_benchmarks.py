@@ -1,0 +1,78 @@
+"""Smoke checks of the benchmark scripts' core functions (no timing assertions)."""
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from conftest import fixtures_dir
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_sampling  # noqa: E402
+import bench_step  # noqa: E402
+import common  # noqa: E402
+
+
+@pytest.mark.fixtures
+def test_smoke_network_is_the_fixture_network():
+  meta = json.loads((fixtures_dir("edm") / "edm_ddpmpp_kwargs.json").read_text())
+  assert common.SMOKE_KWARGS.items() >= meta["init_kwargs"].items()
+
+
+def test_counted_flops_of_a_matmul_is_2n3():
+  n = 64
+  a = jnp.ones((n, n))
+  _, seconds, flops = common.compile_timed(jax.jit(jnp.dot), a, a)
+  assert seconds > 0
+  assert flops == 2 * n ** 3
+
+
+def test_unknown_config_is_rejected():
+  with pytest.raises(ValueError, match="unknown benchmark config 'cifar100'"):
+    common.bench_config("cifar100")
+
+
+def test_markdown_table_formats_and_marks_skipped_rows():
+  columns = (("config", "config", ""), ("batch", "batch", "d"), ("step s", "step_s", ".2f"), ("x", "x", ".1f"))
+  table = common.markdown_table([dict(config="a", batch=8, step_s=0.125, x=float("nan")),
+                                 dict(config="b", batch=2, skipped="too big")], columns)
+  assert table.splitlines() == ["| config | batch | step s | x |", "|---|---|---|---|",
+                                "| a | 8 | 0.12 | – |", "| b | 2 | skipped: too big |  |"]
+
+
+@pytest.mark.fixtures
+def test_measure_step_smoke_reports_sane_fields():
+  meta = json.loads((fixtures_dir("edm") / "edm_ddpmpp_kwargs.json").read_text())
+  row = bench_step.measure_step("smoke", steps=2, devices=1)
+  assert row["params_m"] * 1e6 == pytest.approx(meta["construction"]["num_parameters"])
+  assert (row["batch"], row["devices"], row["dtype"]) == (8, 1, "float32")
+  assert row["matmul_precision"] == "highest"
+  assert row["finite"] and set(row["losses"]) >= {"loss_critic", "loss_generator"}
+  assert len(row["step_times"]) == 2 and row["step_s"] == pytest.approx(sorted(row["step_times"])[1] / 2
+                                                                        + sorted(row["step_times"])[0] / 2)
+  assert row["images_per_s"] == pytest.approx(8 / row["step_s"])
+  # An SiD iteration runs the U-Net forward and backward several times: far more FLOPs than one forward.
+  assert row["gflop"] > 0.5
+  assert row["achieved_gflops"] == pytest.approx(row["gflop"] / row["step_s"])
+  assert 0 < row["percent_of_peak"] == pytest.approx(100 * row["achieved_gflops"] / row["peak_gflops"])
+  assert row["peak_rss_gib"] > 0 and row["compile_s"] > 0
+
+
+def test_measure_step_skips_impossible_splits():
+  with pytest.raises(common.Skip, match="batch 8 does not split over 3 devices"):
+    bench_step.measure_step("smoke", steps=1, devices=3)
+
+
+def test_measure_sampling_smoke_rows():
+  one_step, heun = bench_sampling.measure_sampling("smoke", batch_size=2, heun_steps=2, repeats=1)
+  assert (one_step["nfe"], heun["nfe"]) == (1, 3)
+  for row in (one_step, heun):
+    assert row["finite"] and row["image_shape"] == (2, 16, 16, 3)
+    assert row["images_per_s"] == pytest.approx(2 / row["batch_s"])
+  assert one_step["speedup"] == pytest.approx(one_step["images_per_s"] / heun["images_per_s"])
+  # Heun with 3 network calls counts about 3 times the FLOPs of one generator call.
+  assert heun["gflop"] == pytest.approx(3 * one_step["gflop"], rel=0.05)
+  assert math.isfinite(heun["compile_s"])

@@ -1,0 +1,97 @@
+"""checkpoint: Orbax round trips of a nested state, raw restores, atomic JSON, converted networks."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sida_jax import checkpoint
+
+
+def _state(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"step": jnp.asarray(7, jnp.int32),
+          "generator": {"params": {"conv": {"weight": jnp.asarray(rng.normal(size=(4, 3, 3, 3)), jnp.float32),
+                                            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}},
+                        "gain": jnp.asarray(rng.normal(), jnp.float32)},
+          "rng": jnp.asarray(rng.integers(0, 2 ** 32, size=(2,), dtype=np.uint32)),
+          "ema": [jnp.asarray(rng.normal(size=(5,)), jnp.bfloat16), jnp.asarray(rng.normal(size=(2, 2)))]}
+
+
+def _assert_same(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).dtype == np.asarray(y).dtype and np.shape(x) == np.shape(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_save_restore_round_trip_is_exact(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=2)
+  for step in (4, 8, 12):
+    checkpoint.save(mngr, step, _state(step), {"step": step, "kimg": step * 0.008})
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [8, 12]   # max_to_keep
+  state, meta = checkpoint.restore(mngr, _state(0))
+  _assert_same(state, _state(12))
+  assert meta == {"step": 12, "kimg": 12 * 0.008}
+  state, meta = checkpoint.restore(mngr, jax.eval_shape(lambda: _state(0)), step=8)
+  _assert_same(state, _state(8))
+  assert meta["step"] == 8
+  raw, raw_meta = checkpoint.restore_raw(str(tmp_path / "ckpt"))
+  assert raw_meta["step"] == 12
+  np.testing.assert_array_equal(raw["generator"]["params"]["conv"]["weight"],
+                                _state(12)["generator"]["params"]["conv"]["weight"])
+  np.testing.assert_array_equal(np.asarray(raw["ema"][0], np.float32),
+                                np.asarray(_state(12)["ema"][0], np.float32))
+  raw, _ = checkpoint.restore_raw(str(tmp_path / "ckpt"), step=8)
+  np.testing.assert_array_equal(raw["generator"]["gain"], _state(8)["generator"]["gain"])
+
+
+def test_restore_errors(tmp_path):
+  mngr = checkpoint.manager(str(tmp_path / "empty"))
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    checkpoint.restore(mngr, _state())
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    checkpoint.restore_raw(str(tmp_path / "empty"))
+  missing = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    checkpoint.restore_raw(missing)
+
+
+def test_write_json_is_atomic(tmp_path):
+  path = str(tmp_path / "a.json")
+  checkpoint.write_json(path, {"b": 1, "a": [1.5, "x"], "f": np.float32(2)})
+  assert checkpoint.read_json(path) == {"a": [1.5, "x"], "b": 1, "f": "2.0"}
+  circular = {"x": 1}
+  circular["self"] = circular
+  with pytest.raises(ValueError):
+    checkpoint.write_json(path, circular)
+  assert checkpoint.read_json(path)["b"] == 1          # the old file is untouched
+  assert os.listdir(tmp_path) == ["a.json"]            # and no partial temporary file is left
+  with pytest.raises(ValueError):
+    checkpoint.write_json(str(tmp_path / "new.json"), circular)
+  assert os.listdir(tmp_path) == ["a.json"]
+  with pytest.raises(FileNotFoundError, match="missing file: .*missing.json"):
+    checkpoint.read_json(str(tmp_path / "missing.json"))
+
+
+def test_save_network_round_trip_and_missing_files(tmp_path):
+  variables = {"params": _state(3)["generator"]["params"],
+               "buffers": {"map_noise": {"freqs": jnp.arange(4, dtype=jnp.float32)}}}
+  kwargs = {"img_resolution": 16, "channel_mult": [1, 2], "sigma_max": float("inf")}
+  folder = str(tmp_path / "net")
+  checkpoint.save_network(folder, "training.networks.EDMPrecond", kwargs, variables)
+  checkpoint.save_network(folder, "training.networks.EDMPrecond", kwargs, variables)   # overwrites
+  class_name, init_kwargs, restored = checkpoint.load_network_files(folder)
+  assert class_name == "training.networks.EDMPrecond"
+  assert init_kwargs == kwargs
+  _assert_same(restored, variables)
+  with open(os.path.join(folder, checkpoint.NETWORK_JSON)) as f:
+    assert json.load(f)["class_name"] == class_name
+  os.rename(os.path.join(folder, "params"), os.path.join(folder, "moved"))
+  with pytest.raises(FileNotFoundError, match="missing folder: .*params"):
+    checkpoint.load_network_files(folder)
+  with pytest.raises(FileNotFoundError, match=f"missing file: .*{checkpoint.NETWORK_JSON}"):
+    checkpoint.load_network_files(str(tmp_path / "empty"))
