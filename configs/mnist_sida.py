@@ -10,6 +10,6 @@ def get_config():
   c = mnist_sid.distill_config("sida")
   mnist_teacher.mnist_data(c)
   c.loss.alpha = 1.0
-  c.loss.critic_only_kimg = 2.0   # official: 100 / 200 kimg of 500,000; here ~5% / 10% of the run
-  c.loss.sid_only_kimg = 4.0
+  c.loss.critic_only_kimg = 0.1   # official: 100 / 200 kimg of a 300,000-kimg run; here 5% / 10%
+  c.loss.sid_only_kimg = 0.2
   return c
