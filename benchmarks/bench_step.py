@@ -31,7 +31,7 @@ from sida_jax.train import step as step_lib
 
 COLUMNS = (("config", "config", ""), ("device", "device_kind", ""), ("params", "params_m", ".2f"),
            ("batch", "batch", "d"), ("devices", "devices", "d"), ("dtype", "dtype", ""),
-           ("compile s", "compile_s", ".1f"), ("step s", "step_s", ".4f"), ("images/s", "images_per_s", ".1f"),
+           ("compile s", "compile_s", ".1f"), ("step s", "step_s", ".4f"), ("images/s", "images_per_s", ".3g"),
            ("peak RSS GiB", "peak_rss_gib", ".2f"), ("peak RSS to compile GiB", "peak_rss_compile_gib", ".2f"),
            ("RSS after steps GiB", "rss_steady_gib", ".2f"), ("XLA temp GiB", "xla_temp_gib", ".2f"),
            ("device peak GiB", "device_peak_gib", ".2f"),

@@ -5,13 +5,12 @@ import os
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import PIL.Image
 
 from sida_jax import checkpoint, evaluation, sampling
-from sida_jax.models import build_network, convert, denoiser_for, load_network
+from sida_jax.models import convert, denoiser_for, load_network
 from sida_jax.train import loop
 
 MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")

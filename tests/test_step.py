@@ -92,7 +92,7 @@ def test_ema_first_step_copies_generator_then_follows_closed_form():
   assert h[0]["ema_beta"] == 0.0
   assert _max_diff(s1.generator_ema, s1.generator.params) == 0.0
   s2, h = _run(spec, variables, 1, steps=1, state=s1)
-  nimg, halflife = BATCH, min(1e-5 * 1e6, BATCH * 0.05)
+  halflife = min(1e-5 * 1e6, BATCH * 0.05)  # pre-step nimg = one batch
   beta = 0.5 ** (BATCH / halflife)
   np.testing.assert_allclose(h[0]["ema_beta"], beta, rtol=1e-6)
   expected = jax.tree.map(lambda e, p: p + beta * (e - p), s1.generator_ema, s2.generator.params)

@@ -6,7 +6,7 @@ and the shared step run on it unchanged. Data are "images" of any small NHWC sha
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
