@@ -1,4 +1,5 @@
 """sida_jax command line: python main.py --config configs/X.py --workdir DIR [--mode M] [--config.a.b=v]."""
+import logging as std_logging
 import os
 
 from absl import app
@@ -20,7 +21,7 @@ class _QuietLibraries:
   """Keeps checkpointing chatter (Orbax logs every file operation at INFO) out of the progress log."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
