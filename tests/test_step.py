@@ -146,3 +146,36 @@ def test_torch_adam_matches_a_float64_reference_over_steps():
       v = 0.999 * v + 0.001 * g.astype(np.float64) ** 2
       ref = ref - 1e-3 / (1 - beta1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - 0.999 ** t) + 1e-8)
     np.testing.assert_allclose(np.asarray(params), ref, rtol=2e-6, atol=1e-9)
+
+
+def test_edm2_forced_weight_normalisation_applies_to_trained_networks_only():
+  """With lr = 0 the step leaves exactly the projection: generator and critic weights become
+  force_normalize(teacher) (the official in-place overwrite), the teacher stays as it was."""
+  from sida_jax.models import convert, denoiser_for, edm2
+  kwargs = dict(img_resolution=8, img_channels=4, label_dim=0, model_channels=16, channel_mult=[1, 2],
+                num_blocks=1, attn_resolutions=[4], dropout=0.0)
+  module = convert.build_network("Precond", kwargs)
+  teacher = convert.init_variables(module, jax.random.key(0))
+  # Perturb so that the weights are far from unit norm (as a trained teacher's are).
+  teacher = {**teacher, "params": jax.tree.map(lambda w: w * 3.0, teacher["params"])}
+  denoiser = denoiser_for(module, "Precond", kwargs)
+  nets = Networks(denoiser, denoiser, denoiser)
+  method = sid.make(ml_collections.ConfigDict({"loss": dict(alpha=1.0)}), nets)
+  tx = state_lib.make_optimizer(0.0)
+  spec = step_lib.StepSpec(method=method, nets=nets, batch_size=8, image_shape=(8, 8, 4), init_sigma=2.5,
+                           generator_tx=tx, critic_tx=tx, ema_halflife_mimg=0.5,
+                           generator_train_transform=edm2.force_normalize,
+                           critic_train_transform=edm2.force_normalize)
+  before = jax.tree.map(np.array, teacher)
+  state = state_lib.init_state(jax.random.key(1), teacher, teacher, tx, tx)
+  mesh = step_lib.make_mesh(1)
+  state, _ = step_lib.make_train_step(spec, mesh)(state, teacher, step_lib.shard_batch(
+      {"critic": {}, "generator": {}}, mesh))
+  projected = edm2.force_normalize(before["params"])
+  # Same projection inside and outside jit: equal up to float rounding of the fused kernels.
+  assert _max_diff(state.generator.params, projected) < 1e-5
+  assert _max_diff(state.critic.params, projected) < 1e-5
+  assert _max_diff(teacher, before) == 0.0
+  assert _max_diff(projected, before["params"]) > 0.1      # the projection did change the weights
+  # EMA (β = 0 at step 0) copies the projected generator; it is never projected itself afterwards.
+  assert _max_diff(state.generator_ema, state.generator.params) == 0.0
