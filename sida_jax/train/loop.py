@@ -227,6 +227,15 @@ def _should(kimg_every: float, step: int, batch: int) -> bool:
   return math.floor((step + 1) * batch / every) > math.floor(step * batch / every)
 
 
+def progress_bar(total_kimg: float, start_kimg: float, desc: str):
+  """A tqdm bar counting kimg (main process only; hidden when stderr is not a terminal or in tests)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm.tqdm(total=round(total_kimg, 3), initial=round(start_kimg, 3), desc=desc, unit="kimg",
+                   disable=jax.process_index() != 0 or not sys.stderr.isatty(), dynamic_ncols=True,
+                   bar_format="{desc} {percentage:3.0f}%|{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
+
+
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when a multi-process environment is configured."""
   env = os.environ
@@ -279,9 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   t_last, step_last = time.time(), start
   t_start = time.time()
+  bar = progress_bar(total_steps * batch / 1000, start * batch / 1000, config.method)
   for step in range(start, end):
     state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
     done = step + 1
+    bar.update(batch / 1000)
     if _should(config.log_every_kimg, step, batch) or done == end:
       metrics = jax.device_get(metrics)
       now = time.time()
@@ -312,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         {"step": done, "kimg": done * batch / 1000, **{k: float(v) for k, v in results.items()}})
     if _should(config.checkpoint_every_kimg, step, batch) or done == end:
       save(done)
+  bar.close()
   mngr.wait_until_finished()
   if best_mngr is not None:
     best_mngr.wait_until_finished()

@@ -111,12 +111,14 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
                        process_count=jax.process_count())
   label_dim = denoiser.label_dim
   t0, last = time.time(), start
+  bar = loop.progress_bar(total * batch / 1000, start * batch / 1000, "teacher")
   for step in range(start, end):
     host = next(it)
     labels = host["labels"] if label_dim else np.zeros((host["images"].shape[0], 0), np.float32)
     images, labels = step_lib.shard_batch((host["images"], labels), mesh)
     state, metrics = train_step(state, images, labels if label_dim else None)
     done = step + 1
+    bar.update(batch / 1000)
     if loop._should(config.log_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       rate = (done - last) * batch / 1000 / max(time.time() - t0, 1e-9)
@@ -127,6 +129,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
       t0, last = time.time(), done
     if loop._should(config.checkpoint_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
       checkpoint.save(mngr, done, state, {"step": done, "kimg": done * batch / 1000, "data_position": done})
+  bar.close()
   mngr.wait_until_finished()
   if end == total and is_main:
     checkpoint.save_network(os.path.join(workdir, "network"), config.network.class_name, kwargs,
