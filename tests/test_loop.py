@@ -127,3 +127,28 @@ def test_data_labels_and_real_images_reach_the_step(tmp_path):
   assert batches["generator"]["labels"].shape == (8, 10)
   again = next(loop.Batches(run).iterate(0))
   np.testing.assert_array_equal(batches["critic"]["images"], again["critic"]["images"])
+
+
+def test_sid2a_generator_init_from_a_workdir(tmp_path):
+  """SiD²A: the generator (and its EMA) start from a distilled generator, the critic from the teacher."""
+  sid_config = _config(total_kimg=2 * 8 / 1000)
+  sid_config.network.kwargs.img_channels = 1
+  first = loop.train_and_evaluate(sid_config, str(tmp_path / "sid"))
+  config = _config()
+  config.network.kwargs.img_channels = 1
+  config.method = "sida"
+  config.generator_init = str(tmp_path / "sid")
+  config.data.source = "digits"
+  config.data.resolution = 16
+  run = loop.build_run(config)
+  state = loop.initial_state(run)
+  for a, b in zip(jax.tree.leaves(state.generator.params), jax.tree.leaves(first.generator_ema)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(state.critic.params), jax.tree.leaves(run.teacher.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert _max_diff_trees(state.generator.params, run.teacher.params) > 0
+
+
+def _max_diff_trees(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
+                                                                                   jax.tree.leaves(b)))
