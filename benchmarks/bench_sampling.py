@@ -25,7 +25,7 @@ from sida_jax.train import loop
 DEFAULT_BATCH = {"smoke": 64, "cifar10": 8, "edm2-xs": 2}
 COLUMNS = (("config", "config", ""), ("sampler", "sampler", ""), ("device", "device_kind", ""),
            ("NFE", "nfe", "d"), ("batch", "batch", "d"), ("compile s", "compile_s", ".1f"),
-           ("s/batch", "batch_s", ".4f"), ("images/s", "images_per_s", ".1f"),
+           ("s/batch", "batch_s", ".4f"), ("images/s", "images_per_s", ".3g"),
            ("speed-up vs Heun", "speedup", ".1f"), ("GFLOP/batch", "gflop", ".2f"),
            ("load 1m", "load_1m", ".2f"))
 

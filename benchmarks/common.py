@@ -6,7 +6,6 @@ XLA_FLAGS before importing it.
 """
 from __future__ import annotations
 
-import glob
 import importlib
 import math
 import os
@@ -47,12 +46,11 @@ class Skip(Exception):
 
 
 def _mnist_config() -> ml_collections.ConfigDict:
-  files = sorted(glob.glob(str(REPO / "configs" / "mnist*.py")))
-  if not files:
-    raise Skip("no configs/mnist*.py in this checkout")
-  config = importlib.import_module(f"configs.{pathlib.Path(files[0]).stem}").get_config()
-  if not config.network.kwargs:
-    raise Skip(f"{pathlib.Path(files[0]).name} names no network.kwargs to initialise randomly")
+  """configs/mnist_sid.py on the network of configs/mnist_teacher.py (the teacher it distils)."""
+  if not all((REPO / "configs" / f"{name}.py").exists() for name in ("mnist_sid", "mnist_teacher")):
+    raise Skip("no configs/mnist_sid.py and configs/mnist_teacher.py in this checkout")
+  config = importlib.import_module("configs.mnist_sid").get_config()
+  config.network = importlib.import_module("configs.mnist_teacher").get_config().network
   return config
 
 

@@ -37,35 +37,42 @@ def heun_sample(denoiser: Denoiser, variables: dict, latents: Array, labels: Opt
   """EDM's deterministic (or stochastic, with churn) 2nd-order Heun sampler; NFE = 2·num_steps − 1.
 
   `latents` are unit normals; the first state is latents·t_0. The last step is plain Euler to σ = 0.
-  Stochastic churn needs `rng`.
+  Stochastic churn needs `rng`. The steps run in a `lax.fori_loop`, so the network is compiled once
+  (twice: Euler and correction calls) instead of 2·num_steps − 1 times.
   """
-  steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho)
   gamma_max = min(s_churn / num_steps, np.sqrt(2) - 1)
+  if gamma_max > 0 and rng is None:
+    raise ValueError("heun_sample with s_churn > 0 needs an rng")
+  steps = jnp.asarray(edm_sigma_steps(num_steps, sigma_min, sigma_max, rho), jnp.float32)
   n = latents.shape[0]
   zeros = denoiser.zero_augment_labels(n)
 
   def denoise(x, t):
     return denoiser(variables, x, jnp.full((n,), t, jnp.float32), labels, zeros).denoised
 
-  x_next = latents.astype(jnp.float32) * steps[0]
-  for i in range(num_steps):
+  def one_step(i, carry):
+    x_cur, key = carry
     t_cur, t_next = steps[i], steps[i + 1]
-    x_cur = x_next
-    gamma = gamma_max if s_min <= t_cur <= s_max else 0.0
-    t_hat = t_cur + gamma * t_cur
-    if gamma > 0:
-      if rng is None:
-        raise ValueError("heun_sample with s_churn > 0 needs an rng")
-      rng, key = jax.random.split(rng)
-      x_hat = x_cur + np.sqrt(t_hat ** 2 - t_cur ** 2) * s_noise * jax.random.normal(key, x_cur.shape)
+    if gamma_max > 0:
+      gamma = jnp.where((s_min <= t_cur) & (t_cur <= s_max), gamma_max, 0.0)
+      t_hat = t_cur + gamma * t_cur
+      key, sub = jax.random.split(key)
+      x_hat = x_cur + jnp.sqrt(t_hat ** 2 - t_cur ** 2) * s_noise * jax.random.normal(sub, x_cur.shape)
     else:
-      x_hat = x_cur
+      t_hat, x_hat = t_cur, x_cur
     d_cur = (x_hat - denoise(x_hat, t_hat)) / t_hat
-    x_next = x_hat + (t_next - t_hat) * d_cur
-    if i < num_steps - 1:
-      d_prime = (x_next - denoise(x_next, t_next)) / t_next
-      x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-  return x_next
+    x_euler = x_hat + (t_next - t_hat) * d_cur
+
+    def second_order(x_e):
+      d_prime = (x_e - denoise(x_e, t_next)) / t_next
+      return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+
+    x_next = jax.lax.cond(i < num_steps - 1, second_order, lambda x_e: x_e, x_euler)
+    return x_next, key
+
+  key = rng if rng is not None else jax.random.key(0)
+  x, _ = jax.lax.fori_loop(0, num_steps, one_step, (latents.astype(jnp.float32) * steps[0], key))
+  return x
 
 
 def to_uint8(images: Array) -> np.ndarray:
