@@ -3,6 +3,7 @@
     python main.py --config configs/smoke.py --workdir /tmp/smoke
     python main.py --config configs/smoke.py --workdir /tmp/smoke --mode sample
 Swap in a real teacher with --config.teacher=FILE.pkl (or a converted folder).
+`configs/smoke.py:toy` uses the small MLP denoiser instead (compiles in seconds: CLI and resume tests).
 """
 from configs import base
 
@@ -16,11 +17,17 @@ def tiny_ddpmpp(resolution: int = 16, channels: int = 3, label_dim: int = 0, mod
               channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0, augment_dim=0)
 
 
-def get_config():
+def get_config(network: str = "ddpmpp"):
   c = base.get_config()
   c.method = "sid"
-  c.network.class_name = "EDMPrecond"
-  c.network.kwargs = tiny_ddpmpp()
+  if network == "ddpmpp":
+    c.network.class_name = "EDMPrecond"
+    c.network.kwargs = tiny_ddpmpp()
+  elif network == "toy":
+    c.network.class_name = "ToyPrecond"
+    c.network.kwargs = dict(img_resolution=16, img_channels=3, label_dim=0, features=[32, 32], dropout=0.0)
+  else:
+    raise ValueError(f"configs/smoke.py:{network}: expected 'ddpmpp' or 'toy'")
   c.batch_size = 8
   c.total_kimg = 0.08            # 10 iterations
   c.optim.critic_lr = 1e-4

@@ -17,12 +17,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import smoke  # noqa: E402
 
-STEPS = 40          # batch 8 → 0.32 kimg
-EVERY_KIMG = 0.032  # a checkpoint every 4 steps
+STEPS = 400         # batch 8 → 3.2 kimg (the toy network: long enough to be killed mid-run)
+EVERY_KIMG = 0.32   # a checkpoint every 40 steps
 
 
-def _config(**overrides):
-  c = smoke.get_config()
+def _config(network="toy", **overrides):
+  c = smoke.get_config(network)
   c.total_kimg = STEPS * c.batch_size / 1000
   c.checkpoint_every_kimg = EVERY_KIMG
   c.log_every_kimg = EVERY_KIMG
@@ -40,7 +40,7 @@ def _flat_params(state):
 
 def _cli(workdir):
   kimg = STEPS * 8 / 1000
-  return [sys.executable, str(REPO / "main.py"), "--config", str(REPO / "configs" / "smoke.py"),
+  return [sys.executable, str(REPO / "main.py"), "--config", str(REPO / "configs" / "smoke.py") + ":toy",
           "--workdir", str(workdir), f"--config.total_kimg={kimg}",
           f"--config.checkpoint_every_kimg={EVERY_KIMG}", f"--config.log_every_kimg={EVERY_KIMG}",
           "--config.grid_every_kimg=0"]
@@ -57,7 +57,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_result(tmp_path):
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
     done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
-    if any(int(p.name) >= 8 for p in done):
+    if any(int(p.name) >= 40 for p in done):
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)

@@ -95,6 +95,11 @@ def build_network(class_name: str, init_kwargs: Mapping[str, Any],
     return edm2.from_init_kwargs(class_name, dict(init_kwargs), dtype)
   if name == 'UNetBlock':
     return _build_unet_block(init_kwargs)
+  if name == 'ToyPrecond':   # sida_jax's small MLP denoiser (toys, fast tests)
+    from sida_jax.models import toy  # pylint: disable=import-outside-toplevel
+    kwargs = dict(init_kwargs)
+    kwargs['features'] = tuple(kwargs.get('features', (64, 64)))
+    return toy.ToyPrecond(**kwargs, dtype=dtype)
   if name not in _PRECONDS:
     raise ValueError(f'unsupported network class {class_name!r} '
                      f'(known: {", ".join([*_PRECONDS, "UNetBlock", *_EDM2_CLASSES])})')

@@ -16,7 +16,10 @@ from sida_jax.models.denoiser import Denoiser
 
 
 class ToyPrecond(nn.Module):
+  """`img_resolution`/`img_channels` only describe the data (for initialisation and configs)."""
   features: Sequence[int] = (64, 64)
+  img_resolution: int = 1
+  img_channels: int = 2
   label_dim: int = 0
   augment_dim: int = 0
   sigma_data: float = 0.5
