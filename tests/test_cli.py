@@ -19,7 +19,7 @@ from configs import smoke  # noqa: E402
 
 
 def _config(**overrides):
-  c = smoke.get_config()
+  c = smoke.get_config("toy")   # the MLP denoiser: CLI plumbing, compiled in seconds
   c.total_kimg = 2 * c.batch_size / 1000   # two steps
   c.grid_every_kimg = 0.0
   for key, value in overrides.items():
