@@ -200,7 +200,9 @@ def pipeline(config, workdir):
     t0 = time.time()
     state = loop.train_and_evaluate(m_config, m_dir, evaluate_fn=_periodic_evaluator(m_config))
     history = _read_history(os.path.join(m_dir, loop.EVAL_HISTORY))
-    summary[m] = {"kimg": m_config.total_kimg, "train_seconds": time.time() - t0,
+    # A re-run continues the method's workdir (e.g. to a larger total_kimg): wall-clock accumulates.
+    previous = summary.get(m, {}).get("train_seconds", 0.0)
+    summary[m] = {"kimg": m_config.total_kimg, "train_seconds": previous + time.time() - t0,
                   "fid_history": history, "final_fid": history[-1]["fid"] if history else None,
                   "best_fid": min((h["fid"] for h in history), default=None)}
     run = loop.build_run(m_config)
