@@ -8,6 +8,9 @@ Swap in a real teacher with --config.teacher=FILE.pkl (or a converted folder).
 from configs import base
 
 
+VARIANTS = ("ddpmpp", "toy")
+
+
 def tiny_ddpmpp(resolution: int = 16, channels: int = 3, label_dim: int = 0, model_channels: int = 16):
   """Constructor kwargs of a small EDMPrecond + SongUNet (DDPM++ flavour), as a snapshot would store them."""
   return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, use_fp16=False,

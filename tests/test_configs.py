@@ -31,6 +31,8 @@ def _variants(path):
     return []
   if not inspect.signature(module.get_config).parameters:
     return [None]
+  if hasattr(module, "VARIANTS"):
+    return list(module.VARIANTS)
   if hasattr(module, "TEACHERS"):   # EDM2: SIZE,VARIANT
     return [f"{size},{variant}" for size in module.TEACHERS for variant in module.KIMG]
   return list(published.VARIANTS)
@@ -83,7 +85,7 @@ def test_config_loads_and_sets_only_base_keys(path, variant):
 
 def test_discovery_finds_the_variants():
   found = {(path.name, variant) for path, variant in (case.values for case in CASES)}
-  assert {("smoke.py", None), ("cifar10_uncond.py", "sid2a"), ("edm2.py", "m,sid2a")} <= found
+  assert {("smoke.py", "toy"), ("cifar10_uncond.py", "sid2a"), ("edm2.py", "m,sid2a")} <= found
   assert not any(name in ("base.py", "published.py") and v for name, v in found)
 
 

@@ -18,13 +18,13 @@ from sida_jax.models.denoiser import Denoiser
 class ToyPrecond(nn.Module):
   """`img_resolution`/`img_channels` only describe the data (for initialisation and configs)."""
   features: Sequence[int] = (64, 64)
-  img_resolution: int = 1
-  img_channels: int = 2
   label_dim: int = 0
   augment_dim: int = 0
   sigma_data: float = 0.5
   dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
+  img_resolution: int = 1
+  img_channels: int = 2
 
   @nn.compact
   def __call__(self, x, sigma, class_labels=None, augment_labels=None, train: bool = False,
@@ -59,7 +59,7 @@ class ToyPrecond(nn.Module):
 
 def toy_denoiser(features: Sequence[int] = (64, 64), label_dim: int = 0, augment_dim: int = 0,
                  dropout: float = 0.0) -> Denoiser:
-  module = ToyPrecond(tuple(features), label_dim, augment_dim, dropout=dropout)
+  module = ToyPrecond(features=tuple(features), label_dim=label_dim, augment_dim=augment_dim, dropout=dropout)
   return Denoiser(module, label_dim=label_dim, augment_dim=augment_dim)
 
 
