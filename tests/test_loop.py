@@ -152,3 +152,18 @@ def test_sid2a_generator_init_from_a_workdir(tmp_path):
 def _max_diff_trees(a, b):
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
                                                                                    jax.tree.leaves(b)))
+
+
+def test_data_free_sid_takes_the_loaders_labels_without_images():
+  config = _config()
+  config.network.kwargs.img_resolution = 32
+  config.network.kwargs.img_channels = 1
+  config.network.kwargs.label_dim = 10
+  config.data.source = "mnist5k"
+  config.data.resolution = 32
+  run = loop.build_run(config)
+  batches = next(loop.Batches(run).iterate(3))           # step 3 = loader batches 6 and 7
+  loader = run.dataset.iterate(config.batch_size, config.seed, position=6)
+  assert set(batches["critic"]) == {"labels"}
+  np.testing.assert_array_equal(batches["critic"]["labels"], next(loader)["labels"])
+  np.testing.assert_array_equal(batches["generator"]["labels"], next(loader)["labels"])

@@ -170,9 +170,12 @@ class Batches:
       while True:
         yield {"critic": self._uniform_labels(step, 0), "generator": self._uniform_labels(step, 1)}
         step += 1
-    it = dataset.iterate(self.run.config.batch_size, self.run.config.seed, position=2 * start_step,
-                         process_index=self.process_index, process_count=self.process_count)
     keep_images = self.run.method.uses_real_images
+    if keep_images:
+      it = dataset.iterate(self.run.config.batch_size, self.run.config.seed, position=2 * start_step,
+                           process_index=self.process_index, process_count=self.process_count)
+    else:
+      it = self._loader_labels(dataset, 2 * start_step)   # same order as the loader, no image decoding
     label_dim = self.run.nets.generator.label_dim
     latents = dataset.name == "edm2_latents"
 
@@ -195,6 +198,15 @@ class Batches:
     while True:
       yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
       step += 1
+
+
+  def _loader_labels(self, dataset, position: int) -> Iterator[dict]:
+    """The loader's labels in the loader's order (data-free SiD uses only these)."""
+    while True:
+      items = dataset.batch_items(position, self.run.config.batch_size, self.run.config.seed,
+                                  self.process_index, self.process_count)
+      yield {"labels": dataset.labels(items)}
+      position += 1
 
 
 def sample_grid(run: Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
