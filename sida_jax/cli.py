@@ -34,7 +34,7 @@ def _periodic_evaluator(config):
     res = run.image_shape[0]
     if res not in reference_cache:
       reference_cache[res] = evaluation.reference_statistics(detector, config.eval.ref_stats, res)
-    generate = loop._generate_fn(run)  # pylint: disable=protected-access
+    generate = run.generate
     return evaluation.evaluate(lambda z, y: generate(ema_variables, z, y), run.image_shape,
                                run.nets.generator.label_dim, detector, reference_cache[res],
                                config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
@@ -131,7 +131,7 @@ def convert_network(config, workdir):
 
 def reference(config, workdir):
   """Reference statistics (mu, sigma) of the configured dataset under the configured detector."""
-  dataset = loop._dataset(config)  # pylint: disable=protected-access
+  dataset = loop.make_dataset(config)
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: `--mode ref` needs an image dataset")
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
@@ -207,7 +207,7 @@ def pipeline(config, workdir):
                   "best_fid": min((h["fid"] for h in history), default=None)}
     run = loop.build_run(m_config)
     ema = {"params": state.generator_ema, **state.generator.buffers}
-    generate = loop._generate_fn(run)  # pylint: disable=protected-access
+    generate = run.generate
     images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),
                                                               list(range(64)), run.image_shape, 0, 64)))
     _save_grid(os.path.join(workdir, f"grid_{m}.png"), images)

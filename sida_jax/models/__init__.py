@@ -19,7 +19,7 @@ __all__ = ["Network", "build_network", "load_snapshot", "load_network", "Denoise
 
 def is_edm2(class_name: str) -> bool:
   from sida_jax.models import convert  # pylint: disable=import-outside-toplevel
-  return class_name.rsplit(".", 1)[-1] in convert._EDM2_CLASSES  # pylint: disable=protected-access
+  return convert.is_edm2_class(class_name)
 
 
 def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> Network:

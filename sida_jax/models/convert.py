@@ -81,6 +81,11 @@ def _build_unet_block(kwargs: Mapping[str, Any]) -> layers.UNetBlock:
   return layers.UNetBlock(**values)
 
 
+def is_edm2_class(class_name: str) -> bool:
+  """Whether an official class name (dotted or bare) is one of EDM2's preconditioners."""
+  return class_name.rsplit('.', 1)[-1] in _EDM2_CLASSES
+
+
 def build_network(class_name: str, init_kwargs: Mapping[str, Any],
                   dtype: jnp.dtype = jnp.float32) -> nn.Module:
   """The Flax module for an official class and its recorded constructor kwargs.

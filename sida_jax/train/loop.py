@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -68,6 +69,11 @@ class Run:
   dataset: Optional[data_lib.Dataset]
   image_shape: tuple
 
+  @functools.cached_property
+  def generate(self):
+    """Jitted one-step generation (variables, z, labels) -> images, compiled once per run."""
+    return jax.jit(lambda v, z, y: sampling.generate(self.nets.generator, v, z, y, self.spec.init_sigma))
+
 
 def _training_kwargs(config, teacher: Network) -> dict:
   kwargs = dict(teacher.init_kwargs)
@@ -76,10 +82,11 @@ def _training_kwargs(config, teacher: Network) -> dict:
   return kwargs
 
 
-def _dataset(config) -> Optional[data_lib.Dataset]:
+def make_dataset(config) -> Optional[data_lib.Dataset]:
   if not config.data.source:
     return None
-  options = {k: (v if v not in ("", 0) or k == "use_labels" else None) for k, v in config.data.items()}
+  # '' and 0 mean "unset" in the config (ml_collections fields need a type); booleans pass through.
+  options = {k: (None if not isinstance(v, bool) and v in ("", 0) else v) for k, v in config.data.items()}
   return data_lib.make_dataset(options)
 
 
@@ -96,7 +103,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   method = make_method(config, nets)
   res, channels = int(kwargs["img_resolution"]), int(kwargs["img_channels"])
   image_shape = (res, res, channels)
-  dataset = _dataset(config)
+  dataset = make_dataset(config)
   if method.uses_real_images and dataset is None:
     raise ValueError(f"config.method={config.method!r} needs real data: set config.data.source")
   if dataset is not None and dataset.has_images and tuple(dataset.image_shape) != image_shape:
@@ -212,12 +219,10 @@ class Batches:
 def sample_grid(run: Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
   """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint)."""
   z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim)
-  images = _generate_fn(run)(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
+  images = run.generate(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
   return image_grid(sampling.to_uint8(images))
 
 
-def _generate_fn(run: Run):
-  return jax.jit(lambda v, z, y: sampling.generate(run.nets.generator, v, z, y, run.spec.init_sigma))
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
@@ -231,7 +236,7 @@ def image_grid(images: np.ndarray) -> np.ndarray:
   return grid
 
 
-def _should(kimg_every: float, step: int, batch: int) -> bool:
+def crosses_kimg(kimg_every: float, step: int, batch: int) -> bool:
   """True on the step that crosses a multiple of `kimg_every` thousand images."""
   if kimg_every <= 0:
     return False
@@ -305,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
     done = step + 1
     bar.update(batch / 1000)
-    if _should(config.log_every_kimg, step, batch) or done == end:
+    if crosses_kimg(config.log_every_kimg, step, batch) or done == end:
       metrics = jax.device_get(metrics)
       now = time.time()
       kimg_per_s = (done - step_last) * batch / 1000 / max(now - t_last, 1e-9)
@@ -315,12 +320,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       eta = (total_steps - done) * batch / 1000 / max(kimg_per_s, 1e-9)
       logging.info("kimg %.2f / %.2f  critic %.4g  generator %.4g  %.3f kimg/s  ETA %s",
                    done * batch / 1000, config.total_kimg, scalars.get("loss_critic", float("nan")),
-                   scalars.get("loss_generator", float("nan")), kimg_per_s, _format_eta(eta))
+                   scalars.get("loss_generator", float("nan")), kimg_per_s, format_eta(eta))
       t_last, step_last = now, done
-    if _should(config.grid_every_kimg, step, batch) or done == end:
+    if crosses_kimg(config.grid_every_kimg, step, batch) or done == end:
       ema_vars = {"params": state.generator_ema, **state.generator.buffers}
       writer.write_images(done, {"samples": sample_grid(run, ema_vars)[None]})
-    if evaluate_fn is not None and (_should(config.eval_every_kimg, step, batch) or done == end):
+    if evaluate_fn is not None and (crosses_kimg(config.eval_every_kimg, step, batch) or done == end):
       ema_vars = {"params": state.generator_ema, **state.generator.buffers}
       results = {k: float(v) for k, v in evaluate_fn(run, ema_vars).items()}
       writer.write_scalars(done, results)
@@ -333,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         checkpoint.save(best_mngr, done, {"generator_ema": state.generator_ema,
                                           "buffers": state.generator.buffers},
                         {"step": done, "kimg": done * batch / 1000, **{k: float(v) for k, v in results.items()}})
-    if _should(config.checkpoint_every_kimg, step, batch) or done == end:
+    if crosses_kimg(config.checkpoint_every_kimg, step, batch) or done == end:
       save(done)
   bar.close()
   mngr.wait_until_finished()
@@ -344,6 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return state
 
 
-def _format_eta(seconds: float) -> str:
+def format_eta(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m{seconds % 60:02d}s"

@@ -77,7 +77,7 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
   kwargs = config.network.kwargs.to_dict()
   module = build_network(config.network.class_name, kwargs, loop.compute_dtype(config))
   denoiser = denoiser_for(module, config.network.class_name, kwargs)
-  dataset = loop._dataset(config)  # pylint: disable=protected-access
+  dataset = loop.make_dataset(config)
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: teacher training needs an image dataset")
   shape = (int(kwargs["img_resolution"]), int(kwargs["img_resolution"]), int(kwargs["img_channels"]))
@@ -119,15 +119,15 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
     state, metrics = train_step(state, images, labels if label_dim else None)
     done = step + 1
     bar.update(batch / 1000)
-    if loop._should(config.log_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
+    if loop.crosses_kimg(config.log_every_kimg, step, batch) or done == end:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       rate = (done - last) * batch / 1000 / max(time.time() - t0, 1e-9)
       writer.write_scalars(done, {**m, "kimg": done * batch / 1000, "kimg_per_s": rate})
       logging.info("teacher kimg %.1f / %.1f  loss %.4g  %.3f kimg/s  ETA %s", done * batch / 1000,
                    config.total_kimg, m["loss"], rate,
-                   loop._format_eta((total - done) * batch / 1000 / max(rate, 1e-9)))  # pylint: disable=protected-access
+                   loop.format_eta((total - done) * batch / 1000 / max(rate, 1e-9)))
       t0, last = time.time(), done
-    if loop._should(config.checkpoint_every_kimg, step, batch) or done == end:  # pylint: disable=protected-access
+    if loop.crosses_kimg(config.checkpoint_every_kimg, step, batch) or done == end:
       checkpoint.save(mngr, done, state, {"step": done, "kimg": done * batch / 1000, "data_position": done})
   bar.close()
   mngr.wait_until_finished()
