@@ -247,7 +247,7 @@ def test_parity_with_torch(torch_reference):
 
 
 def test_pth_and_npz_load_identically(torch_reference):
-  pytest.importorskip("sida_jax.models.snapshot")
+  pytest.importorskip("sida_jax.formats.torch_files")
   folder, _, _ = torch_reference
   from_pth = inception.load_inception_variables(folder / "inception.pth")
   from_npz = inception.load_inception_variables(folder / "inception.npz")

@@ -285,8 +285,8 @@ def load_inception_variables(path) -> dict:
     with np.load(path, allow_pickle=False) as data:
       state_dict = {name: data[name] for name in data.files}
   elif path.suffix.lower() in (".pth", ".pt"):
-    from sida_jax.models import snapshot  # pylint: disable=g-import-not-at-top  (torch-free reader)
-    state_dict = snapshot.read_torch_file(path)
+    from sida_jax.formats import torch_files  # pylint: disable=g-import-not-at-top  (torch-free reader)
+    state_dict = torch_files.read_torch_file(path)
   else:
     raise ValueError(f"load_inception_variables: unknown file type '{path.suffix}' (expected .pth or .npz)")
   if not isinstance(state_dict, dict):

@@ -1,4 +1,4 @@
-"""Tests for sida_jax.models.snapshot: official fixture pickles, torch's byte layouts, refused payloads."""
+"""Tests for sida_jax.formats.torch_files: official fixture pickles, torch's byte layouts, refused payloads."""
 import collections
 import dataclasses
 import io
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_files
-from sida_jax.models import snapshot
+from sida_jax.formats import torch_files as snapshot
 
 # ----------------------------------------------------------------------------------------------------
 # Official snapshot pickles (written by the official PyTorch code).
