@@ -1,35 +1,31 @@
-"""Torch-free, allow-listed reading of EDM / EDM2 / SiD snapshot pickles and `torch.save` files.
+"""torch objects inside pickles, and `torch.save` files (zip and legacy), read without torch.
 
-NVIDIA's persistence layer pickles every network as a call of
-`torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the source code of the
-defining module and the official loader execs it. Here each global a file names is looked up in an
-allow-list of inert stand-ins instead, so reading never imports torch and never runs code from the file:
-persistent objects become `PersistentObject` records, `torch.nn` containers become `TorchModule` stubs and
-tensors become numpy arrays. Any other global raises `UnsafePickleError` before anything is called.
+Every global a file names is resolved through `GLOBALS`, an allow-list of inert stand-ins (see
+`pickle.py`), so reading never imports torch and never runs code from the file: tensors become numpy
+arrays (fp32/fp16/bf16 and integer storages, strided and shared views), `torch.nn` containers become
+`TorchModule` stubs, and NVIDIA's persistent classes become `PersistentObject` records. NVIDIA's
+persistence layer pickles every network as a call of `torch_utils.persistence._reconstruct_persistent_obj(meta)`,
+where `meta` carries the source code of the defining module and the official loader execs it; here
+it only records the class name, the constructor kwargs and the state. Any other global raises
+`UnsafePickleError` before anything is called.
 
 Typical use:
 
-  net = read_snapshot('network-snapshot-004000.pkl')['ema']
+  net = read_pickle('network-snapshot-004000.pkl')['ema']
   net.class_name, net.init_kwargs    # 'EDMPrecond', {'model_type': 'SongUNet', ...}
   net.state_dict()                   # {'model.enc.32x32_conv.weight': np.ndarray, ...}
   read_torch_file('training-state-004000.pt')   # dicts of numpy arrays, optimizer states, ...
 """
-import _compat_pickle
-import collections
-import contextlib
-import errno
 import io
 import math
-import os
-import pickle
-import types
 import zipfile
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import ml_dtypes
 import numpy as np
 
-PathOrFile = Union[str, os.PathLike, BinaryIO]
+from sida_jax.formats import pickle as pickle_lib
+from sida_jax.formats.pickle import PathOrFile, ReadOnly, ReadOnlyClass, ReadOnlyFunction, UnsafePickleError
 
 # First pickle of a legacy (non-zip) `torch.save` stream, then its format version.
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -37,51 +33,7 @@ _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b'PK\x03\x04'
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-  """A file names a global outside the snapshot allow-list (or misuses an allowed one)."""
-
-
-# Stand-ins are shared by every read, so a pickle's BUILD opcode (setattr on whatever is on the stack)
-# must not be able to patch them: classes get this metaclass, functions the wrapper below.
-class _ReadOnlyClass(type):
-  """Metaclass whose classes refuse attribute assignment after creation."""
-
-  def __setattr__(cls, name: str, value: Any) -> None:
-    raise AttributeError(f'{cls.__name__}.{name} is read-only')
-
-  def __delattr__(cls, name: str) -> None:
-    raise AttributeError(f'{cls.__name__}.{name} is read-only')
-
-
-class _ReadOnly:
-  """Slotted record whose fields are set once (no __dict__, no __setstate__ for BUILD to use)."""
-  __slots__ = ()
-
-  def __init__(self, *values: Any):
-    for name, value in zip(self.__slots__, values, strict=True):
-      object.__setattr__(self, name, value)
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    raise AttributeError(f'{type(self).__name__}.{name} is read-only')
-
-  def __delattr__(self, name: str) -> None:
-    raise AttributeError(f'{type(self).__name__}.{name} is read-only')
-
-  def __repr__(self) -> str:
-    fields = ', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)
-    return f'{type(self).__name__}({fields})'
-
-
-class _ReadOnlyFunction(_ReadOnly):
-  """A stand-in function, wrapped so that BUILD cannot set its __defaults__ and the like."""
-  __slots__ = ('function',)
-  function: Callable[..., Any]
-
-  def __call__(self, *args: Any, **kwargs: Any) -> Any:
-    return self.function(*args, **kwargs)
-
-
-class EasyDict(dict, metaclass=_ReadOnlyClass):
+class EasyDict(dict, metaclass=ReadOnlyClass):
   """Stand-in for `dnnlib.util.EasyDict`: a dict whose keys also read and write as attributes."""
 
   def __getattr__(self, name: str) -> Any:
@@ -97,7 +49,7 @@ class EasyDict(dict, metaclass=_ReadOnlyClass):
     del self[name]
 
 
-class _ModuleTree(metaclass=_ReadOnlyClass):
+class _ModuleTree(metaclass=ReadOnlyClass):
   """The `torch.nn.Module` bookkeeping (`_parameters`, `_buffers`, `_modules`) kept in `self.state`."""
   __slots__ = ()
   class_name: str
@@ -175,12 +127,12 @@ class PersistentObject(_ModuleTree):
   @property
   def init_args(self) -> tuple:
     """Positional constructor arguments recorded by the persistence layer, as plain Python values."""
-    return tuple(_plain(self.state.get('_init_args', ())))
+    return tuple(pickle_lib.plain(self.state.get('_init_args', ())))
 
   @property
   def init_kwargs(self) -> dict[str, Any]:
     """Constructor kwargs recorded by the persistence layer, as plain Python values."""
-    return _plain(dict(self.state.get('_init_kwargs', {})))
+    return pickle_lib.plain(dict(self.state.get('_init_kwargs', {})))
 
   def __repr__(self) -> str:
     return f'PersistentObject({self.class_name!r}, version={self.version!r})'
@@ -206,12 +158,12 @@ class TorchModule(_ModuleTree):
 
 
 _CONTAINER_STUBS = {
-    name: _ReadOnlyClass(name, (TorchModule,),
+    name: ReadOnlyClass(name, (TorchModule,),
                          {'__slots__': (), 'class_name': f'torch.nn.modules.container.{name}'})
     for name in ('ModuleDict', 'ModuleList', 'Sequential')}
 
 
-class BoundMethodRef(_ReadOnly):
+class BoundMethodRef(ReadOnly):
   """Inert placeholder for a pickled bound method `getattr(owner, name)`, e.g. a module hook."""
   __slots__ = ('owner', 'name')
   owner: _ModuleTree
@@ -221,21 +173,21 @@ class BoundMethodRef(_ReadOnly):
     return f'BoundMethodRef({self.owner.class_name}.{self.name})'
 
 
-class _StorageType(_ReadOnly):
+class _StorageType(ReadOnly):
   """What `torch.FloatStorage` & co. stand for: the element dtype of a storage."""
   __slots__ = ('name', 'dtype')
   name: str
   dtype: np.dtype
 
 
-class TorchDtype(_ReadOnly):
+class TorchDtype(ReadOnly):
   """What `torch.float32` & co. stand for. A record, not numpy's dtype singleton, which BUILD could alter."""
   __slots__ = ('name', 'dtype')
   name: str
   dtype: np.dtype
 
 
-class _Storage(_ReadOnly):
+class _Storage(ReadOnly):
   """One decoded storage: a 1-D native-order array, or None while a legacy stream's bytes are unread."""
   __slots__ = ('array',)
   array: Optional[np.ndarray]
@@ -254,17 +206,6 @@ _STORAGE_DTYPES = {
     'ComplexFloatStorage': np.complex64, 'ComplexDoubleStorage': np.complex128,
     'UntypedStorage': np.uint8,  # counted in bytes
 }
-
-
-def _plain(value: Any) -> Any:
-  """numpy scalars → Python numbers, dict subclasses (EasyDict, OrderedDict) → dict, recursively."""
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, dict):
-    return {key: _plain(item) for key, item in value.items()}
-  if isinstance(value, (list, tuple)):
-    return type(value)(_plain(item) for item in value)
-  return value
 
 
 def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
@@ -353,37 +294,6 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> TorchModule:
   return cls()
 
 
-def _numpy_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
-  """`numpy.dtype`, always a fresh copy: the BUILD that follows must not alter numpy's singletons."""
-  del copy
-  return np.dtype(spec, bool(align), True)
-
-
-def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-  """`numpy.core.multiarray._reconstruct`: an empty ndarray that the following BUILD fills."""
-  if subtype is not np.ndarray:
-    raise ValueError(f'numpy array of subtype {subtype!r}: only numpy.ndarray is allowed')
-  return np.ndarray.__new__(np.ndarray, shape, dtype)
-
-
-def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
-  """`numpy.core.multiarray.scalar`: a numpy scalar from its dtype and raw bytes."""
-  if not isinstance(dtype, np.dtype):
-    raise ValueError(f'numpy scalar with dtype {dtype!r}')
-  if dtype.hasobject:
-    return data  # object scalars pickle the object itself
-  if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-    raise ValueError(f'numpy {dtype} scalar needs {dtype.itemsize} bytes')
-  return np.frombuffer(data, dtype)[0]
-
-
-def _codecs_encode(text: Any, encoding: str = 'utf-8') -> bytes:
-  """`_codecs.encode`, as protocols 0-2 use it to carry bytes: latin-1 only."""
-  if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-    raise ValueError(f'_codecs.encode of a {type(text).__name__} as {encoding!r}: only latin-1 text')
-  return text.encode('latin1')
-
-
 def _torch_size(dims: Any = ()) -> tuple[int, ...]:
   return tuple(int(n) for n in dims)
 
@@ -393,11 +303,6 @@ def _torch_device(kind: Any, index: Any = None) -> str:
   if not isinstance(kind, str):
     raise ValueError(f'torch.device of a {type(kind).__name__}')
   return kind if index is None else f'{kind}:{int(index)}'
-
-
-def _numpy_names(name: str, value: Any) -> dict[str, Any]:
-  # numpy 1.x pickles say numpy.core, numpy 2.x numpy._core.
-  return {f'numpy.core.multiarray.{name}': value, f'numpy._core.multiarray.{name}': value}
 
 
 _STAND_INS: dict[str, Any] = {
@@ -413,63 +318,38 @@ _STAND_INS: dict[str, Any] = {
     'torch.Size': _torch_size,
     'torch.device': _torch_device,
     **{f'torch.nn.modules.container.{name}': stub for name, stub in _CONTAINER_STUBS.items()},
-    'collections.OrderedDict': collections.OrderedDict,
     'dnnlib.util.EasyDict': EasyDict,
-    'numpy.dtype': _numpy_dtype,
-    'numpy.ndarray': np.ndarray,
-    **_numpy_names('scalar', _numpy_scalar),
-    **_numpy_names('_reconstruct', _numpy_reconstruct),
-    '_codecs.encode': _codecs_encode,
     'copyreg._reconstructor': _reconstructor,
     'builtins.object': object,  # only useful as copyreg._reconstructor's base
-    'builtins.set': set,
-    'builtins.frozenset': frozenset,
-    'builtins.slice': slice,
 }
-_GLOBALS = {name: _ReadOnlyFunction(value) if isinstance(value, types.FunctionType) else value
-            for name, value in _STAND_INS.items()}
-# Stand-ins that need the reader's context; see _AllowListUnpickler.
+# What a torch pickle may name: the stand-ins above and those of plain Python and numpy values.
+GLOBALS = {**pickle_lib.read_only(_STAND_INS), **pickle_lib.PLAIN_GLOBALS}
+# Stand-ins that need the reader's context; see TorchUnpickler.
 _CONTEXT_GLOBALS = ('torch.storage._load_from_bytes', 'builtins.getattr')
-ALLOWED_GLOBALS = frozenset(_GLOBALS) | frozenset(_CONTEXT_GLOBALS)
+ALLOWED_GLOBALS = frozenset(GLOBALS) | frozenset(_CONTEXT_GLOBALS)
 
 
-class _AllowListUnpickler(pickle.Unpickler):
-  """Resolves globals from the allow-list only; `load_storage` answers torch's persistent ids."""
+class TorchUnpickler(pickle_lib.AllowListUnpickler):
+  """Resolves globals from `GLOBALS` only; `load_storage` answers torch's persistent ids."""
 
   def __init__(self, file: BinaryIO, source: str,
                load_storage: Optional[Callable[[Any], Any]] = None):
-    super().__init__(file)
-    self._source = source
-    self._load_storage = load_storage
+    super().__init__(file, source, GLOBALS, load_storage)
 
-  def find_class(self, module: str, name: str) -> Any:
-    # Protocol 0-2 pickles written by Python 3 carry Python 2 names (__builtin__, copy_reg).
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    else:
-      module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    dotted = f'{module}.{name}'
+  def find_global(self, dotted: str) -> Any:
     if dotted == 'torch.storage._load_from_bytes':
-      return _ReadOnlyFunction(self._load_from_bytes)
+      return ReadOnlyFunction(self._load_from_bytes)
     if dotted == 'builtins.getattr':
-      return _ReadOnlyFunction(self._getattr)
-    if dotted in _GLOBALS:
-      return _GLOBALS[dotted]
-    raise UnsafePickleError(
-        f"refusing to load global '{dotted}' from {self._source}: not an allowed snapshot class")
-
-  def persistent_load(self, pid: Any) -> Any:
-    if self._load_storage is None:
-      raise pickle.UnpicklingError(f'{self._source}: persistent id in a plain pickle')
-    return self._load_storage(pid)
+      return ReadOnlyFunction(self._getattr)
+    return super().find_global(dotted)
 
   def _load_from_bytes(self, blob: Any) -> _Storage:
     """`torch.storage._load_from_bytes`: a storage saved as a nested legacy `torch.save` stream."""
     if not isinstance(blob, bytes):
-      raise ValueError(f'{self._source}: storage blob is a {type(blob).__name__}, not bytes')
-    storage = _read_legacy(io.BytesIO(blob), f'{self._source} (storage blob)')
+      raise ValueError(f'{self.source}: storage blob is a {type(blob).__name__}, not bytes')
+    storage = _read_legacy(io.BytesIO(blob), f'{self.source} (storage blob)')
     if not isinstance(storage, _Storage):
-      raise ValueError(f'{self._source}: storage blob holds a {type(storage).__name__}, not a storage')
+      raise ValueError(f'{self.source}: storage blob holds a {type(storage).__name__}, not a storage')
     return storage
 
   def _getattr(self, owner: Any, name: Any, *default: Any) -> BoundMethodRef:
@@ -477,7 +357,7 @@ class _AllowListUnpickler(pickle.Unpickler):
     if isinstance(owner, _ModuleTree) and isinstance(name, str) and not default:
       return BoundMethodRef(owner, name)
     raise UnsafePickleError(
-        f"refusing 'builtins.getattr' on a {type(owner).__name__} in {self._source}: only bound-method "
+        f"refusing 'builtins.getattr' on a {type(owner).__name__} in {self.source}: only bound-method "
         'references on snapshot modules are tolerated')
 
 
@@ -514,7 +394,7 @@ def _read_legacy(file: BinaryIO, source: str) -> Any:
   is read twice: once to learn the storages, then again with them filled in.
   """
   def load_plain() -> Any:
-    return _AllowListUnpickler(file, source).load()
+    return TorchUnpickler(file, source).load()
 
   magic = load_plain()
   if not (isinstance(magic, int) and magic == _LEGACY_MAGIC):
@@ -538,7 +418,7 @@ def _read_legacy(file: BinaryIO, source: str) -> Any:
   start = file.tell()
   file_size = file.seek(0, io.SEEK_END)
   file.seek(start)
-  _AllowListUnpickler(file, source, learn_storage).load()
+  TorchUnpickler(file, source, learn_storage).load()
   keys = load_plain()
   if not (isinstance(keys, list) and set(keys) == set(layouts)):
     raise ValueError(f'{source}: storage key list does not match the storages the pickle uses')
@@ -560,7 +440,7 @@ def _read_legacy(file: BinaryIO, source: str) -> Any:
     return storages[_parse_storage_pid(pid, source)[0]]
 
   file.seek(start)
-  result = _AllowListUnpickler(file, source, load_storage).load()
+  result = TorchUnpickler(file, source, load_storage).load()
   file.seek(end)
   return result
 
@@ -591,55 +471,24 @@ def _read_zip(file: BinaryIO, source: str) -> Any:
       return storages[key]
 
     with archive.open(pickles[0]) as data_pkl:
-      return _AllowListUnpickler(data_pkl, source, load_storage).load()
+      return TorchUnpickler(data_pkl, source, load_storage).load()
 
 
-@contextlib.contextmanager
-def _opened(path_or_file: PathOrFile) -> Iterator[tuple[BinaryIO, str]]:
-  """(binary file, name for messages) for a path or an already open binary file."""
-  if hasattr(path_or_file, 'read'):
-    yield path_or_file, str(getattr(path_or_file, 'name', '<stream>'))
-    return
-  path = os.fspath(path_or_file)
-  try:
-    file = open(path, 'rb')
-  except FileNotFoundError:
-    raise FileNotFoundError(errno.ENOENT, 'snapshot file not found', path) from None
-  with file:
-    yield file, path
+def read_pickle(path_or_file: PathOrFile, kind: str = 'a pickle') -> Any:
+  """The object in a plain pickle of torch objects (no torch.save container), tensors as numpy arrays.
 
-
-# What a truncated, corrupt or non-pickle file raises while being read.
-_MALFORMED = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-              KeyError, OverflowError, zipfile.BadZipFile)
-
-
-def _read(path_or_file: PathOrFile, reader: Callable[[BinaryIO, str], Any], kind: str) -> Any:
-  with _opened(path_or_file) as (file, source):
-    try:
-      return reader(file, source)
-    except UnsafePickleError:
-      raise
-    except _MALFORMED as error:
-      raise ValueError(f'cannot read {source} as {kind}: {error}') from error
-
-
-def read_snapshot(path_or_file: PathOrFile) -> Any:
-  """The top-level object (a dict; an EasyDict for EDM2) of an EDM / EDM2 / SiD snapshot pickle.
-
-  Persistent networks come back as `PersistentObject`s with numpy tensors; nothing outside the
-  allow-list (`ALLOWED_GLOBALS`) is resolved, and nothing from the file is executed.
-  Raises FileNotFoundError, UnsafePickleError for a disallowed global, ValueError for a malformed file.
+  Persistent networks come back as `PersistentObject`s; nothing outside the allow-list
+  (`ALLOWED_GLOBALS`) is resolved, and nothing from the file is executed. Raises FileNotFoundError,
+  UnsafePickleError for a disallowed global, ValueError (naming the file as `kind`) for a malformed file.
   """
-  return _read(path_or_file, lambda file, source: _AllowListUnpickler(file, source).load(),
-               'a snapshot pickle')
+  return pickle_lib.read_file(path_or_file, lambda file, source: TorchUnpickler(file, source).load(), kind)
 
 
 def read_torch_file(path_or_file: PathOrFile) -> Any:
   """The object stored by `torch.save` (zip or legacy format), tensors as numpy arrays.
 
   Used for SiD `training-state-*.pt` files and pytorch-fid's inception `.pth`; same allow-list and
-  errors as `read_snapshot`. Contiguous tensors that share a storage come back as views of one array,
+  errors as `read_pickle`. Contiguous tensors that share a storage come back as views of one array,
   as in torch; strided ones as copies.
   """
   def reader(file: BinaryIO, source: str) -> Any:
@@ -648,4 +497,4 @@ def read_torch_file(path_or_file: PathOrFile) -> Any:
     file.seek(start)
     return _read_zip(file, source) if is_zip else _read_legacy(file, source)
 
-  return _read(path_or_file, reader, 'a torch.save file')
+  return pickle_lib.read_file(path_or_file, reader, 'a torch.save file')

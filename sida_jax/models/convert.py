@@ -18,7 +18,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
-from sida_jax.formats import torch_files
+from sida_jax.formats import snapshot
 from sida_jax.models import edm, layers, precond
 
 Array = jax.Array
@@ -279,7 +279,7 @@ class Network:
 
 def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.float32) -> Network:
   """The network stored under `key` of an EDM/EDM2/SiD training snapshot pickle, read without torch."""
-  contents = torch_files.read_snapshot(path)
+  contents = snapshot.read_snapshot(path)
   if key not in contents:
     raise ValueError(f'{os.fspath(path)}: no key {key!r}; keys present: {sorted(contents)}')
   obj = contents[key]
