@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from configs import cifar10_uncond, edm2 as edm2_configs, smoke  # noqa: E402
-from sida_jax.models import edm2  # noqa: E402
+from sida_jax.models.edm2 import networks as edm2  # noqa: E402
 
 # The fixture-size DDPM++ of ../shared/fixtures/edm/edm_ddpmpp_kwargs.json (318,019 parameters).
 SMOKE_KWARGS = dict(smoke.tiny_ddpmpp(label_dim=10), augment_dim=9)

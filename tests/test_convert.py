@@ -10,7 +10,9 @@ import pytest
 from flax import traverse_util
 
 from conftest import fixture_files, fixtures_dir
-from sida_jax.models import convert, edm2, precond
+from sida_jax.models import convert
+from sida_jax.models.edm import precond
+from sida_jax.models.edm2 import networks as edm2
 
 KWARGS = fixture_files('edm', '*_kwargs.json')
 NETWORK_IO = [c for c in fixture_files('edm', '*_io.npz')

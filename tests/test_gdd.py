@@ -9,7 +9,9 @@ import pytest
 
 from sida_jax.losses import gdd
 from sida_jax.losses.method import CriticInputs, GeneratorInputs, Networks
-from sida_jax.models import edm, precond, toy
+from sida_jax.models import toy
+from sida_jax.models.edm import precond
+from sida_jax.models.edm import unets as edm
 from sida_jax.models.denoiser import Denoiser
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib

@@ -19,7 +19,8 @@ from flax import traverse_util
 from safetensors import numpy as safetensors_numpy
 
 from sida_jax.formats import snapshot
-from sida_jax.models import edm, layers, precond
+from sida_jax.models.edm import layers, precond
+from sida_jax.models.edm import unets as edm
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -93,11 +94,11 @@ def build_network(class_name: str, init_kwargs: Mapping[str, Any],
 
   `class_name` may be dotted (`training.networks.EDMPrecond`) or bare (`EDMPrecond`). EDM
   preconditioners wrap a U-Net built from the remaining kwargs; `use_fp16` is superseded by `dtype`.
-  EDM2's `Precond` is built by `sida_jax.models.edm2.from_init_kwargs`. `UNetBlock` is accepted as well.
+  EDM2's `Precond` is built by `sida_jax.models.edm2.networks.from_init_kwargs`. `UNetBlock` is accepted as well.
   """
   name = class_name.rsplit('.', 1)[-1]
   if name in _EDM2_CLASSES:
-    from sida_jax.models import edm2  # pylint: disable=import-outside-toplevel
+    from sida_jax.models.edm2 import networks as edm2  # pylint: disable=import-outside-toplevel
     return edm2.from_init_kwargs(class_name, dict(init_kwargs), dtype)
   if name == 'UNetBlock':
     return _build_unet_block(init_kwargs)

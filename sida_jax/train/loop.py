@@ -123,7 +123,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   o = config.optim
   transform = step_lib.identity
   if edm2 and config.force_normalize:
-    from sida_jax.models import edm2 as edm2_lib  # pylint: disable=import-outside-toplevel
+    from sida_jax.models.edm2 import networks as edm2_lib  # pylint: disable=import-outside-toplevel
     transform = edm2_lib.force_normalize
   spec = step_lib.StepSpec(
       method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import fixture_files
-from sida_jax.models import edm2
+from sida_jax.models.edm2 import networks as edm2
 
 _BUFFER_NAMES = ('freqs', 'phases')
 

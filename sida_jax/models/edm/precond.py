@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sida_jax.models.edm import RETURN_FLAGS
+from sida_jax.models.edm.unets import RETURN_FLAGS
 
 Array = jax.Array
 Scalar = Union[Array, float]

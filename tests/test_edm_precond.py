@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture_files
-from sida_jax.models import convert, precond
+from sida_jax.models import convert
+from sida_jax.models.edm import precond
 
 CASES = fixture_files('edm', '*_io.npz')
 NETWORK_CASES = [c for c in CASES if c.values[0] is None or not c.values[0].name.startswith('block_')]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import fixture_files, fixtures_dir
-from sida_jax.models import convert, edm
+from sida_jax.models import convert
+from sida_jax.models.edm import unets as edm
 
 NETWORK_CASES = [c for c in fixture_files('edm', '*_kwargs.json')
                  if c.values[0] is None or not c.values[0].name.startswith('block_')]

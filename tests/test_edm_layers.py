@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import fixture_files
-from sida_jax.models import layers
+from sida_jax.models.edm import layers
 
 
 # --- numpy references of the PyTorch ops (NHWC arrays, OIHW weights) ------------------------------

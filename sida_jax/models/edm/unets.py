@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sida_jax.models.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding,
-                                    UNetBlock, WeightInit)
+from sida_jax.models.edm.layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding,
+                                        UNetBlock, WeightInit)
 
 Array = jax.Array
 Output = Union[Array, tuple[Array, Array]]

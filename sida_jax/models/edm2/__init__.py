@@ -1,0 +1,1 @@
+"""EDM2's magnitude-preserving networks (Karras et al. 2024)."""
