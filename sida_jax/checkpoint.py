@@ -6,7 +6,7 @@ Layout of a workdir:
   best/<step>/...                   the EMA generator with the best evaluation metric so far
   network.json                      class name and constructor kwargs of the generator's architecture
 A converted network (`main.py --mode convert`) is a folder with `network.json` and `params/` (Orbax).
-Resume order: a workdir checkpoint, else the configured teacher / generator init.
+Resume order: a workdir checkpoint, else the configured teacher / generator init (`load_network`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ import os
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from sida_jax.formats import snapshot
+from sida_jax.models import convert
 
 NETWORK_JSON = "network.json"
 
@@ -90,3 +94,23 @@ def load_network_files(directory: str) -> tuple:
     raise FileNotFoundError(f"missing folder: {params_dir}")
   variables = ocp.StandardCheckpointer().restore(params_dir)
   return info["class_name"], info["init_kwargs"], variables
+
+
+def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> convert.Network:
+  """A network from a snapshot `.pkl`, a folder written by `--mode convert`, or a sida_jax workdir
+  (its latest EMA generator)."""
+  if not source:
+    raise ValueError("no network source given")
+  if os.path.isfile(source):
+    return snapshot.load_snapshot(source, key=key, dtype=dtype)
+  if os.path.isfile(os.path.join(source, NETWORK_JSON)) and os.path.isdir(os.path.join(source, "params")):
+    class_name, init_kwargs, variables = load_network_files(source)
+    return convert.Network(convert.build_network(class_name, init_kwargs, dtype), variables, class_name,
+                           init_kwargs)
+  if os.path.isdir(os.path.join(source, "checkpoints")):
+    info = read_json(os.path.join(source, NETWORK_JSON))
+    state, _ = restore_raw(os.path.join(source, "checkpoints"))
+    variables = {"params": state["generator_ema"], **state["generator"]["buffers"]}
+    return convert.Network(convert.build_network(info["class_name"], info["init_kwargs"], dtype), variables,
+                           info["class_name"], info["init_kwargs"])
+  raise FileNotFoundError(f"network source not found (expected a .pkl, a converted folder or a workdir): {source}")

@@ -10,7 +10,8 @@ import numpy as np
 import PIL.Image
 
 from sida_jax import checkpoint, evaluation, sampling
-from sida_jax.models import convert, denoiser_for, load_network
+from sida_jax.formats import safetensors
+from sida_jax.models import convert, denoiser_for
 from sida_jax.train import loop
 
 MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")
@@ -67,7 +68,7 @@ def _generator(config, workdir):
                                                    sigma_min=sigma_min, sigma_max=sigma_max))
     what = f"teacher, Heun {steps} steps (NFE {2 * steps - 1})"
   else:
-    net = load_network(source, dtype=dtype)
+    net = checkpoint.load_network(source, dtype=dtype)
     denoiser = denoiser_for(net.module, net.class_name, net.init_kwargs)
     init_sigma = config.init_sigma
     recorded = os.path.join(source, checkpoint.NETWORK_JSON)
@@ -118,14 +119,14 @@ def convert_network(config, workdir):
   source = config.convert.source
   if not source:
     raise ValueError("config.convert.source: give the .pkl (or converted folder / workdir) to convert")
-  net = load_network(source, key=config.teacher_key)
+  net = checkpoint.load_network(source, key=config.teacher_key)
   if source.endswith(".pkl") or not config.convert.safetensors:
     checkpoint.save_network(workdir, net.class_name, net.init_kwargs, jax.device_get(net.variables))
     logging.info("converted %s (%s, %d parameters) to %s", source, net.class_name,
                  convert.count_params(net.variables), workdir)
   if config.convert.safetensors:
-    convert.export_safetensors(net.module, jax.device_get(net.variables), config.convert.safetensors,
-                               metadata={"class_name": net.class_name})
+    safetensors.export_safetensors(net.module, jax.device_get(net.variables), config.convert.safetensors,
+                                   metadata={"class_name": net.class_name})
     logging.info("wrote PyTorch state_dict names to %s", config.convert.safetensors)
 
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 
 from sida_jax.losses import sid, sida
 from sida_jax.losses.method import Networks
-from sida_jax.models import convert
+from sida_jax.formats import snapshot
 from sida_jax.models.denoiser import Denoiser
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
@@ -37,7 +37,7 @@ class Replay:
     defaults = self.meta["loss_fn_constructor_defaults"]
     self.use_gan = bool(hp.get("use_gan", False))
     teacher_path = self.folder.parent / "edm" / self.meta["teacher_pickle"]
-    net = convert.load_snapshot(teacher_path)
+    net = snapshot.load_snapshot(teacher_path)
     kw = self.meta["network_kwargs"]
     self.denoiser = Denoiser(net.module, label_dim=kw.get("label_dim", 0), augment_dim=kw.get("augment_dim", 0))
     self.teacher = net.variables

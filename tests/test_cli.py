@@ -10,8 +10,10 @@ import PIL.Image
 import pytest
 
 from sida_jax import cli, sampling
+from sida_jax.checkpoint import load_network
+from sida_jax.formats import safetensors
 from sida_jax.metrics import fid, mnist_features
-from sida_jax.models import convert, load_network, load_snapshot
+from sida_jax.models import load_snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,7 +56,7 @@ def test_convert_and_safetensors_round_trip(pkl, tmp_path):
           str(tmp_path / "unused"))
   assert not (tmp_path / "unused" / "params").exists()   # a folder source is only exported
   state = np.load(pkl.with_name(f"{pkl.stem}_state.npz"))
-  tensors = convert.read_safetensors(exported)
+  tensors = safetensors.read_safetensors(exported)
   assert sorted(tensors) == sorted(state.files)
   for name in state.files:
     np.testing.assert_array_equal(tensors[name], state[name], err_msg=name)

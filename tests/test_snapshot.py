@@ -1,11 +1,15 @@
-"""Tests for sida_jax.formats.snapshot: the official fixture pickles."""
+"""Tests for sida_jax.formats.snapshot: the official fixture pickles, read and loaded as networks."""
 import json
 
 import numpy as np
 import pytest
 
-from conftest import fixture_files
+from conftest import fixture_files, fixtures_dir
 from sida_jax.formats import snapshot, torch_files
+from sida_jax.models import convert
+
+NETWORK_IO = [c for c in fixture_files('edm', '*_io.npz')
+              if c.values[0] is None or not c.values[0].name.startswith('block_')]
 
 # ----------------------------------------------------------------------------------------------------
 # Official snapshot pickles (written by the official PyTorch code).
@@ -52,3 +56,44 @@ def test_official_snapshot(pkl):
       assert state[name].dtype in (ref[name].dtype, np.float16), name
       assert state[name].shape == ref[name].shape, name
       np.testing.assert_array_equal(state[name].astype(ref[name].dtype), ref[name], err_msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Snapshots loaded as networks.
+
+
+def _stem(path, suffix):
+  return path.name[:-len(suffix)]
+
+
+@pytest.mark.fixtures
+@pytest.mark.parametrize('io_path', NETWORK_IO[:1])
+def test_load_snapshot_and_network_call(io_path):
+  """A snapshot pickle read without torch gives a Network reproducing the official outputs."""
+  stem = _stem(io_path, '_io.npz')
+  kwargs = json.loads(io_path.with_name(f'{stem}_kwargs.json').read_text())
+  net = snapshot.load_snapshot(io_path.with_name(f'{stem}.pkl'))
+  assert net.class_name == kwargs['class_name'].rsplit('.', 1)[-1]
+  assert net.init_kwargs == kwargs['init_kwargs']
+  assert net.params is net.variables['params'] and 'model' in net.params
+  state = dict(np.load(io_path.with_name(f'{stem}_state.npz')))
+  assert convert.count_params(net.variables) == sum(v.size for k, v in state.items()
+                                                    if not k.endswith(('resample_filter', '.freqs')))
+  io = np.load(io_path)
+  case = kwargs['case_names'][0]
+  get = lambda key: io[f'{case}/{key}'] if f'{case}/{key}' in io else None
+  x = io[f'{case}/x'].transpose(0, 2, 3, 1)
+  d_x, logits = net(x, get('sigma'), get('class_labels'), get('augment_labels'),
+                    return_flag='encoder_decoder')
+  ref = io[f'{case}/D'].transpose(0, 2, 3, 1)
+  assert np.abs(np.asarray(d_x) - ref).max() <= 1e-5 * np.abs(ref).max()
+  assert logits.ndim == 4 and logits.shape[-1] == 1
+
+
+@pytest.mark.fixtures
+def test_load_snapshot_reports_bad_keys():
+  path = next(p for p in sorted(fixtures_dir('edm').glob('*.pkl')))
+  with pytest.raises(ValueError, match=r"no key 'generator'; keys present: \[.*'ema'"):
+    snapshot.load_snapshot(path, key='generator')
+  with pytest.raises(ValueError, match="'loss_fn' holds NoneType, not a network"):
+    snapshot.load_snapshot(path, key='loss_fn')

@@ -5,7 +5,7 @@ import pathlib
 import jax
 import numpy as np
 
-from sida_jax.models import load_network
+from sida_jax.checkpoint import load_network
 from sida_jax.train import teacher
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import traverse_util
 
+from sida_jax.formats.safetensors import load_diffusers_safetensors
 from sida_jax.models import vae as vae_lib
 
 _TINY = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
@@ -55,7 +56,7 @@ def test_converter_round_trip_both_spellings(tmp_path):
   half = {k: v.astype(np.float16) for k, v in old.items()}
   from safetensors.numpy import save_file
   save_file(half, str(tmp_path / 'diffusion_pytorch_model.safetensors'))
-  loaded = vae_lib.load_diffusers_safetensors(str(tmp_path / 'diffusion_pytorch_model.safetensors'), vae)
+  loaded = load_diffusers_safetensors(str(tmp_path / 'diffusion_pytorch_model.safetensors'), vae)
   loaded = _flat_params(loaded)
   for name in state:
     assert loaded[name].dtype == np.float32

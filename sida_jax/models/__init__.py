@@ -1,4 +1,7 @@
-"""Networks: EDM and EDM2 ports, torch-free snapshot reading and conversion.
+"""Networks only: Flax modules grouped by family, with their preconditioning. Nothing here reads a file.
+
+Files are read by `sida_jax.formats`; its loaders are re-exported here, resolved on first use (formats
+imports models, so importing them eagerly would be a cycle):
 
     from sida_jax.models import load_snapshot
     net = load_snapshot("edm-cifar10-32x32-uncond-vp.pkl", key="ema")
@@ -6,41 +9,26 @@
 """
 from __future__ import annotations
 
-import os
+import importlib
 
-import jax.numpy as jnp
-
-from sida_jax.models.convert import Network, build_network, load_snapshot
+from sida_jax.models.convert import Network, build_network
 from sida_jax.models.denoiser import Denoiser, DenoiserOutput
 
-__all__ = ["Network", "build_network", "load_snapshot", "load_network", "Denoiser", "DenoiserOutput",
-           "denoiser_for", "is_edm2"]
+# Re-exported loader → the formats module that defines it.
+_LOADERS = {"load_snapshot": "sida_jax.formats.snapshot"}
+
+__all__ = ["Network", "build_network", "Denoiser", "DenoiserOutput", "denoiser_for", "is_edm2", *_LOADERS]
+
+
+def __getattr__(name: str):
+  if name in _LOADERS:
+    return getattr(importlib.import_module(_LOADERS[name]), name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_edm2(class_name: str) -> bool:
   from sida_jax.models import convert  # pylint: disable=import-outside-toplevel
   return convert.is_edm2_class(class_name)
-
-
-def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> Network:
-  """A network from a snapshot `.pkl`, a folder written by `--mode convert`, or a sida_jax workdir
-  (its latest EMA generator)."""
-  from sida_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not source:
-    raise ValueError("no network source given")
-  if os.path.isfile(source):
-    return load_snapshot(source, key=key, dtype=dtype)
-  if os.path.isfile(os.path.join(source, checkpoint.NETWORK_JSON)) and os.path.isdir(
-      os.path.join(source, "params")):
-    class_name, init_kwargs, variables = checkpoint.load_network_files(source)
-    return Network(build_network(class_name, init_kwargs, dtype), variables, class_name, init_kwargs)
-  if os.path.isdir(os.path.join(source, "checkpoints")):
-    info = checkpoint.read_json(os.path.join(source, checkpoint.NETWORK_JSON))
-    state, _ = checkpoint.restore_raw(os.path.join(source, "checkpoints"))
-    variables = {"params": state["generator_ema"], **state["generator"]["buffers"]}
-    return Network(build_network(info["class_name"], info["init_kwargs"], dtype), variables,
-                   info["class_name"], info["init_kwargs"])
-  raise FileNotFoundError(f"network source not found (expected a .pkl, a converted folder or a workdir): {source}")
 
 
 def denoiser_for(network_module, class_name: str, init_kwargs: dict, use_logvar: bool = False) -> Denoiser:

@@ -1,4 +1,4 @@
-"""PyTorch EDM/EDM2 networks <-> Flax: build from constructor kwargs, strict state_dict copy, safetensors.
+"""PyTorch EDM/EDM2 networks <-> Flax: build from constructor kwargs, strict state_dict copy.
 
 Parameter names and layouts of the Flax networks equal the PyTorch `state_dict` (see `layers.py`), so
 conversion is a checked 1:1 copy: every Flax leaf is assigned exactly once with an equal shape, and
@@ -7,7 +7,6 @@ deterministic buffers (`resample_filter`) are recomputed rather than stored.
 import dataclasses
 import functools
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -16,9 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors import numpy as safetensors_numpy
 
-from sida_jax.formats import snapshot
 from sida_jax.models.edm import layers, precond
 from sida_jax.models.edm import unets as edm
 
@@ -240,18 +237,6 @@ def state_dict_from_variables(module: nn.Module, variables: Variables) -> dict[s
   return state_dict
 
 
-def export_safetensors(module: nn.Module, variables: Variables, path: os.PathLike,
-                       metadata: Optional[Mapping[str, str]] = None) -> None:
-  """Writes the PyTorch state_dict of `variables` as a safetensors file."""
-  safetensors_numpy.save_file(state_dict_from_variables(module, variables), os.fspath(path),
-                              metadata=dict(metadata) if metadata else None)
-
-
-def read_safetensors(path: os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a safetensors file as a state_dict of numpy arrays."""
-  return safetensors_numpy.load_file(os.fspath(path))
-
-
 @dataclasses.dataclass
 class Network:
   """A converted network: module, variables and the official constructor record, callable in eval mode."""
@@ -276,16 +261,3 @@ class Network:
     if key not in self._compiled:
       self._compiled[key] = jax.jit(functools.partial(self.module.apply, train=False, **flags))
     return self._compiled[key](self.variables, x, sigma, class_labels, augment_labels)
-
-
-def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.float32) -> Network:
-  """The network stored under `key` of an EDM/EDM2/SiD training snapshot pickle, read without torch."""
-  contents = snapshot.read_snapshot(path)
-  if key not in contents:
-    raise ValueError(f'{os.fspath(path)}: no key {key!r}; keys present: {sorted(contents)}')
-  obj = contents[key]
-  if not hasattr(obj, 'class_name') or not hasattr(obj, 'state_dict'):
-    raise ValueError(f'{os.fspath(path)}: {key!r} holds {type(obj).__name__}, not a network')
-  module = build_network(obj.class_name, obj.init_kwargs, dtype)
-  variables = variables_from_state_dict(module, obj.state_dict())
-  return Network(module, variables, obj.class_name, dict(obj.init_kwargs))

@@ -4,7 +4,8 @@ Parameter names and layouts mirror the diffusers `state_dict` (`encoder.down_blo
 `decoder.mid_block.attentions.0.to_out.0.bias`, ...): conv weights OIHW, linear weights [out, in]. Module
 names contain dots, so flattening `variables['params']` with sep='.' yields exactly those names;
 `convert_diffusers_state` copies a diffusers checkpoint (new `to_q/to_k/to_v/to_out.0` or old
-`query/key/value/proj_attn` attention spellings) after strict name and shape checks.
+`query/key/value/proj_attn` attention spellings) after strict name and shape checks; the file itself is
+read by `sida_jax.formats.safetensors.load_diffusers_safetensors`.
 
 EDM2 latent conventions (`training/encoders.py:StabilityVAEEncoder`):
 * `encode_pixels`: uint8 pixels → x/255, i.e. the VAE sees [0, 1] (not [-1, 1]; NVlabs/edm2#9) → raw
@@ -316,12 +317,6 @@ def convert_diffusers_state(state: Mapping[str, Any], vae: AutoencoderKL) -> dic
       raise ValueError(f"convert_diffusers_state: {name!r} has shape {value.shape}, expected {leaf.shape}")
     flat[path] = jnp.asarray(value, jnp.float32)
   return {'params': traverse_util.unflatten_dict(flat)}
-
-
-def load_diffusers_safetensors(path: str, vae: AutoencoderKL) -> dict:
-  """Reads `diffusion_pytorch_model.safetensors` (without torch) and converts it for `vae`."""
-  from safetensors.numpy import load_file  # local: only this reader needs the package
-  return convert_diffusers_state(load_file(path), vae)
 
 
 # ----------------------------------------------------------------------------------------------------

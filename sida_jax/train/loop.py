@@ -20,7 +20,7 @@ import numpy as np
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
 from sida_jax.losses.method import Method, Networks
-from sida_jax.models import Network, build_network, denoiser_for, is_edm2, load_network
+from sida_jax.models import Network, build_network, denoiser_for, is_edm2
 from sida_jax.models import convert
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
@@ -49,7 +49,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> Network:
   if config.teacher:
     if not os.path.exists(config.teacher):
       raise FileNotFoundError(f"config.teacher: file not found: {config.teacher}")
-    return load_network(config.teacher, key=config.teacher_key, dtype=dtype)
+    return checkpoint.load_network(config.teacher, key=config.teacher_key, dtype=dtype)
   kwargs = config.network.kwargs.to_dict()
   module = build_network(config.network.class_name, kwargs, dtype)
   variables = convert.init_variables(module, jax.random.key(config.seed))
@@ -144,7 +144,7 @@ def initial_state(run: Run) -> state_lib.DistillState:
   config = run.config
   generator = run.teacher.variables
   if config.generator_init:
-    generator = load_network(config.generator_init, dtype=compute_dtype(config)).variables
+    generator = checkpoint.load_network(config.generator_init, dtype=compute_dtype(config)).variables
   critic = run.teacher.variables
   init_critic = getattr(run.method, "init_critic_variables", None)
   if init_critic is not None:
