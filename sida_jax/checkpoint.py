@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sida_jax.formats import snapshot
-from sida_jax.models import convert
+from sida_jax.models import registry
 
 NETWORK_JSON = "network.json"
 
@@ -96,7 +96,7 @@ def load_network_files(directory: str) -> tuple:
   return info["class_name"], info["init_kwargs"], variables
 
 
-def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> convert.Network:
+def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> registry.Network:
   """A network from a snapshot `.pkl`, a folder written by `--mode convert`, or a sida_jax workdir
   (its latest EMA generator)."""
   if not source:
@@ -105,12 +105,12 @@ def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> convert.Ne
     return snapshot.load_snapshot(source, key=key, dtype=dtype)
   if os.path.isfile(os.path.join(source, NETWORK_JSON)) and os.path.isdir(os.path.join(source, "params")):
     class_name, init_kwargs, variables = load_network_files(source)
-    return convert.Network(convert.build_network(class_name, init_kwargs, dtype), variables, class_name,
-                           init_kwargs)
+    return registry.Network(registry.build_network(class_name, init_kwargs, dtype), variables, class_name,
+                            init_kwargs)
   if os.path.isdir(os.path.join(source, "checkpoints")):
     info = read_json(os.path.join(source, NETWORK_JSON))
     state, _ = restore_raw(os.path.join(source, "checkpoints"))
     variables = {"params": state["generator_ema"], **state["generator"]["buffers"]}
-    return convert.Network(convert.build_network(info["class_name"], info["init_kwargs"], dtype), variables,
-                           info["class_name"], info["init_kwargs"])
+    return registry.Network(registry.build_network(info["class_name"], info["init_kwargs"], dtype), variables,
+                            info["class_name"], info["init_kwargs"])
   raise FileNotFoundError(f"network source not found (expected a .pkl, a converted folder or a workdir): {source}")

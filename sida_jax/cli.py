@@ -11,7 +11,8 @@ import PIL.Image
 
 from sida_jax import checkpoint, evaluation, sampling
 from sida_jax.formats import safetensors
-from sida_jax.models import convert, denoiser_for
+from sida_jax.models import convert
+from sida_jax.models.registry import denoiser_for
 from sida_jax.train import loop
 
 MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")

@@ -1,9 +1,8 @@
-"""PyTorch state_dict <-> Flax conversion: strictness, round trips, building from kwargs, fresh init."""
+"""PyTorch state_dict <-> Flax variables: strictness, round trips, templates and counts, fresh init."""
 import json
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,8 +10,7 @@ from flax import traverse_util
 
 from conftest import fixture_files, fixtures_dir
 from sida_jax.models import convert
-from sida_jax.models.edm import precond
-from sida_jax.models.edm2 import networks as edm2
+from sida_jax.models.registry import build_network
 
 KWARGS = fixture_files('edm', '*_kwargs.json')
 
@@ -24,7 +22,7 @@ def _stem(path, suffix):
 def _build(kwargs_path):
   kwargs = json.loads(kwargs_path.read_text())
   state = dict(np.load(kwargs_path.with_name(f'{_stem(kwargs_path, "_kwargs.json")}_state.npz')))
-  return kwargs, convert.build_network(kwargs['class_name'], kwargs['init_kwargs']), state
+  return kwargs, build_network(kwargs['class_name'], kwargs['init_kwargs']), state
 
 
 def _first_network(folder='edm'):
@@ -95,47 +93,9 @@ def test_low_precision_sources_are_cast_to_float32():
     np.testing.assert_array_equal(loaded[name], value.astype(np.float32), err_msg=name)
 
 
-def test_build_network_rejects_bad_input():
-  kwargs = dict(img_resolution=8, img_channels=3, model_type='SongUNet')
-  with pytest.raises(ValueError, match="'training.networks.iDDPMPrecond'"):
-    convert.build_network('training.networks.iDDPMPrecond', kwargs)
-  with pytest.raises(ValueError, match="'channel_multiplier'"):
-    convert.build_network('EDMPrecond', dict(kwargs, channel_multiplier=[1]))
-  with pytest.raises(ValueError, match="'UNetPlusPlus'"):
-    convert.build_network('EDMPrecond', dict(kwargs, model_type='UNetPlusPlus'))
-  with pytest.raises(ValueError, match="'img_channels'"):
-    convert.build_network('VEPrecond', {'img_resolution': 8})
-
-
-def test_build_network_maps_official_kwargs():
-  kwargs = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=True, sigma_data=0.6,
-                model_type='SongUNet_EncoderDecoder', channel_mult=[1, 2], augment_dim=9,
-                init_weight_unused_by_edm=None)
-  with pytest.raises(ValueError, match="'init_weight_unused_by_edm'"):
-    convert.build_network('EDMPrecond_EncoderDecoder', kwargs)
-  del kwargs['init_weight_unused_by_edm']
-  module = convert.build_network('sida_training.sida_networks.EDMPrecond_EncoderDecoder', kwargs,
-                                 dtype=jnp.bfloat16)
-  assert isinstance(module, precond.EDMPrecond) and module.dtype == jnp.bfloat16
-  assert (module.sigma_data, module.img_resolution, module.img_channels) == (0.6, 16, 4)
-  assert (module.model.channel_mult, module.label_dim, module.augment_dim) == ((1, 2), 10, 9)
-  vp = convert.build_network('VPPrecond', dict(img_resolution=8, img_channels=3, M=100, beta_d=10))
-  assert (vp.M, vp.beta_d, type(vp.model).__name__) == (100, 10.0, 'SongUNet')
-
-
-@pytest.mark.fixtures
-def test_edm2_classes_are_delegated():
-  kwargs = json.loads((fixtures_dir('edm2') / 'edm2_cond_kwargs.json').read_text())
-  module = convert.build_network(kwargs['class_name'], kwargs['init_kwargs'])
-  assert isinstance(module, edm2.Precond)
-  state = dict(np.load(fixtures_dir('edm2') / 'edm2_cond_state_before.npz'))
-  back = convert.state_dict_from_variables(module, convert.variables_from_state_dict(module, state))
-  assert sorted(back) == sorted(state)
-
-
 def test_fresh_adm_init_is_official():
   """ADM: zero-initialised layers are exactly zero, kaiming layers have the official spread."""
-  module = convert.build_network('EDMPrecond', dict(
+  module = build_network('EDMPrecond', dict(
       img_resolution=8, img_channels=3, label_dim=10, augment_dim=9, model_type='DhariwalUNet',
       model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
   params = convert.init_variables(module, jax.random.key(0))['params']['model']

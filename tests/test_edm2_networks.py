@@ -9,6 +9,7 @@ import pytest
 from flax import traverse_util
 
 from conftest import fixture_files
+from sida_jax.models.edm2 import convert as edm2_convert
 from sida_jax.models.edm2 import networks as edm2
 
 _BUFFER_NAMES = ('freqs', 'phases')
@@ -80,7 +81,7 @@ def _network_cases():
 @pytest.mark.parametrize('io_path', _network_cases())
 def test_state_names_shapes_and_count_match_init(io_path):
   stem, meta, _ = _load_case(io_path)
-  module = edm2.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
+  module = edm2_convert.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
   state = np.load(io_path.parent / f'{stem}_state_before.npz')
   res = module.img_resolution
   abstract = jax.eval_shape(lambda: module.init(
@@ -98,7 +99,7 @@ def test_state_names_shapes_and_count_match_init(io_path):
 @pytest.mark.parametrize('io_path', _network_cases())
 def test_precond_eval_cases(io_path):
   stem, meta, io = _load_case(io_path)
-  module = edm2.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
+  module = edm2_convert.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
   variables = _variables_from_state(np.load(io_path.parent / f'{stem}_state_before.npz'))
   run = _precond_runner(module)
   for case in meta['eval_case_names']:
@@ -118,7 +119,7 @@ def test_precond_eval_cases(io_path):
 @pytest.mark.parametrize('io_path', _network_cases())
 def test_precond_train_forward_is_double_normalisation(io_path):
   stem, meta, io = _load_case(io_path)
-  module = edm2.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
+  module = edm2_convert.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
   before = _variables_from_state(np.load(io_path.parent / f'{stem}_state_before.npz'))
   after_ref = np.load(io_path.parent / f'{stem}_state_after_train_forward.npz')
   run = _precond_runner(module)
@@ -298,15 +299,15 @@ def test_from_init_kwargs_errors_and_variants():
   kwargs = dict(img_resolution=8, img_channels=4, label_dim=10, model_channels=8, channel_mult=[1, 2],
                 num_blocks=1, attn_resolutions=[4], use_fp16=True)
   with pytest.raises(ValueError, match="unknown key 'bogus'"):
-    edm2.from_init_kwargs('training.networks_edm2.Precond', kwargs | {'bogus': 1})
+    edm2_convert.from_init_kwargs('training.networks_edm2.Precond', kwargs | {'bogus': 1})
   with pytest.raises(ValueError, match='unknown EDM2 class'):
-    edm2.from_init_kwargs('training.networks.EDMPrecond', kwargs)
-  gen = edm2.from_init_kwargs('sida_networks_edm2.EDM_2_Precond_Generator',
-                              kwargs | {'force_normalization': True, 'use_gan': True})
+    edm2_convert.from_init_kwargs('training.networks.EDMPrecond', kwargs)
+  gen = edm2_convert.from_init_kwargs('sida_networks_edm2.EDM_2_Precond_Generator',
+                                      kwargs | {'force_normalization': True, 'use_gan': True})
   x = jnp.zeros((1, 8, 8, 4))
   names = _flat(jax.eval_shape(lambda: gen.init(jax.random.key(0), x, jnp.ones(1)))['params'])
   assert not any(n.startswith('logvar') for n in names) and 'unet.out_conv.weight' in names
-  unet = edm2.from_init_kwargs('UNet', {k: v for k, v in kwargs.items() if k != 'use_fp16'})
+  unet = edm2_convert.from_init_kwargs('UNet', {k: v for k, v in kwargs.items() if k != 'use_fp16'})
   assert isinstance(unet, edm2.UNet) and unet.channel_mult == (1, 2)
   with pytest.raises(ValueError, match='unknown preset'):
     edm2.preset_config('xxxl')

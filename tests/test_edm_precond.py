@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_files
-from sida_jax.models import convert
+from sida_jax.models import convert, registry
 from sida_jax.models.edm import precond
 
 CASES = fixture_files('edm', '*_io.npz')
@@ -18,7 +18,7 @@ NETWORK_CASES = [c for c in CASES if c.values[0] is None or not c.values[0].name
 def _load(io_path):
   stem = io_path.name[:-len('_io.npz')]
   kwargs = json.loads(io_path.with_name(f'{stem}_kwargs.json').read_text())
-  module = convert.build_network(kwargs['class_name'], kwargs['init_kwargs'])
+  module = registry.build_network(kwargs['class_name'], kwargs['init_kwargs'])
   state = dict(np.load(io_path.with_name(f'{stem}_state.npz')))
   return kwargs, module, convert.variables_from_state_dict(module, state), np.load(io_path)
 
@@ -70,7 +70,7 @@ def test_sigma_shapes_agree(io_path):
 def test_bfloat16_compute_is_close_to_float32(io_path):
   """dtype=bfloat16 runs the U-Net body in bfloat16 (attention, FIR resampling) with float32 outputs."""
   kwargs, module, variables, io = _load(io_path)
-  low = convert.build_network(kwargs['class_name'], kwargs['init_kwargs'], dtype=jnp.bfloat16)
+  low = registry.build_network(kwargs['class_name'], kwargs['init_kwargs'], dtype=jnp.bfloat16)
   x, sigma, labels, augment = _case_inputs(io, kwargs['case_names'][0])
   d32 = jax.jit(module.apply)(variables, x, sigma, labels, augment)
   d16, logits = jax.jit(functools.partial(low.apply, return_flag='encoder_decoder'))(
@@ -107,17 +107,17 @@ def test_vp_and_ve_coefficients_closed_form():
 
 def test_noise_range_attributes():
   kwargs = dict(img_resolution=8, img_channels=3, model_type='SongUNet')
-  vp = convert.build_network('VPPrecond', kwargs)
+  vp = registry.build_network('VPPrecond', kwargs)
   np.testing.assert_allclose(vp.sigma_min, np.sqrt(np.expm1(0.5 * 19.9e-10 + 1e-6)), rtol=1e-5)
   np.testing.assert_allclose(vp.sigma_max, np.sqrt(np.exp(0.5 * 19.9 + 0.1) - 1), rtol=1e-5)
-  ve = convert.build_network('VEPrecond', kwargs)
+  ve = registry.build_network('VEPrecond', kwargs)
   assert (ve.sigma_min, ve.sigma_max) == (0.02, 100.0)
-  edm = convert.build_network('EDMPrecond', dict(kwargs, sigma_data=0.6))
+  edm = registry.build_network('EDMPrecond', dict(kwargs, sigma_data=0.6))
   assert (edm.sigma_min, edm.sigma_max, edm.sigma_data) == (0.0, np.inf, 0.6)
 
 
 def test_unknown_return_flag_is_rejected():
-  module = convert.build_network('EDMPrecond', dict(img_resolution=8, img_channels=3, model_type='SongUNet'))
+  module = registry.build_network('EDMPrecond', dict(img_resolution=8, img_channels=3, model_type='SongUNet'))
   with pytest.raises(ValueError, match="'logits'"):
     jax.eval_shape(lambda: module.init(jax.random.key(0), *convert.example_inputs(module),
                                        return_flag='logits'))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_files, fixtures_dir
-from sida_jax.models import convert
+from sida_jax.models import convert, registry
 from sida_jax.models.edm import unets as edm
 
 NETWORK_CASES = [c for c in fixture_files('edm', '*_kwargs.json')
@@ -21,7 +21,7 @@ def _nhwc(a):
 def _load(kwargs_path):
   stem = kwargs_path.name[:-len('_kwargs.json')]
   kwargs = json.loads(kwargs_path.read_text())
-  module = convert.build_network(kwargs['class_name'], kwargs['init_kwargs'])
+  module = registry.build_network(kwargs['class_name'], kwargs['init_kwargs'])
   state = dict(np.load(kwargs_path.with_name(f'{stem}_state.npz')))
   return kwargs, module, convert.variables_from_state_dict(module, state), np.load(
       kwargs_path.with_name(f'{stem}_io.npz'))
@@ -90,7 +90,7 @@ def test_sida_encoder_logits_match_official():
   meta = json.loads((folder / 'sida_step_meta.json').read_text())
   io = np.load(folder / 'sida_step_io.npz')
   init_kwargs = {k: v for k, v in meta['network_kwargs'].items() if k != 'class_name'}
-  module = convert.build_network(meta['network_class'], init_kwargs)
+  module = registry.build_network(meta['network_class'], init_kwargs)
   stem = meta['teacher_pickle'][:-len('.pkl')]
   state = dict(np.load(fixtures_dir('edm') / f'{stem}_state.npz'))
   variables = convert.variables_from_state_dict(module, state)
@@ -111,7 +111,7 @@ def _cifar10_ddpmpp(**overrides):
                 embedding_type='positional', encoder_type='standard', decoder_type='standard',
                 channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
                 channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)
-  return convert.build_network('EDMPrecond', dict(kwargs, **overrides))
+  return registry.build_network('EDMPrecond', dict(kwargs, **overrides))
 
 
 def test_cifar10_ddpmpp_parameter_count():
@@ -148,8 +148,8 @@ def test_label_dropout_drops_whole_labels(model_type):
   """label_dropout=1 in training mode equals calling with all-zero labels; eval mode keeps labels."""
   kwargs = dict(img_resolution=8, img_channels=3, label_dim=4, model_type=model_type, model_channels=8,
                 channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
-  module = convert.build_network('EDMPrecond', kwargs)
-  dropping = convert.build_network('EDMPrecond', dict(kwargs, label_dropout=1.0))
+  module = registry.build_network('EDMPrecond', kwargs)
+  dropping = registry.build_network('EDMPrecond', dict(kwargs, label_dropout=1.0))
   variables = _random_variables(module, 0, std=0.5)  # large enough for the labels to matter
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
   sigma, labels = jnp.array([0.3, 3.0]), jnp.eye(4)[:2]

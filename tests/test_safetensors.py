@@ -7,7 +7,7 @@ import pytest
 
 from conftest import fixtures_dir
 from sida_jax.formats import safetensors
-from sida_jax.models import convert
+from sida_jax.models import convert, registry
 
 
 def _first_network():
@@ -16,7 +16,7 @@ def _first_network():
                      if not p.name.startswith('block_'))
   kwargs = json.loads(kwargs_path.read_text())
   state = dict(np.load(kwargs_path.with_name(kwargs_path.name.replace('_kwargs.json', '_state.npz'))))
-  return convert.build_network(kwargs['class_name'], kwargs['init_kwargs']), state
+  return registry.build_network(kwargs['class_name'], kwargs['init_kwargs']), state
 
 
 @pytest.mark.fixtures

@@ -151,11 +151,11 @@ def test_torch_adam_matches_a_float64_reference_over_steps():
 def test_edm2_forced_weight_normalisation_applies_to_trained_networks_only():
   """With lr = 0 the step leaves exactly the projection: generator and critic weights become
   force_normalize(teacher) (the official in-place overwrite), the teacher stays as it was."""
-  from sida_jax.models import convert, denoiser_for
+  from sida_jax.models import convert, denoiser_for, registry
   from sida_jax.models.edm2 import networks as edm2
   kwargs = dict(img_resolution=8, img_channels=4, label_dim=0, model_channels=16, channel_mult=[1, 2],
                 num_blocks=1, attn_resolutions=[4], dropout=0.0)
-  module = convert.build_network("Precond", kwargs)
+  module = registry.build_network("Precond", kwargs)
   teacher = convert.init_variables(module, jax.random.key(0))
   # Perturb so that the weights are far from unit norm (as a trained teacher's are).
   teacher = {**teacher, "params": jax.tree.map(lambda w: w * 3.0, teacher["params"])}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from sida_jax.formats import torch_files
 from sida_jax.formats.pickle import PathOrFile
-from sida_jax.models import convert
+from sida_jax.models import convert, registry
 
 
 def read_snapshot(path_or_file: PathOrFile) -> Any:
@@ -27,7 +27,7 @@ def read_snapshot(path_or_file: PathOrFile) -> Any:
   return torch_files.read_pickle(path_or_file, 'a snapshot pickle')
 
 
-def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.float32) -> convert.Network:
+def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.float32) -> registry.Network:
   """The network stored under `key` of an EDM/EDM2/SiD training snapshot pickle, read without torch."""
   contents = read_snapshot(path)
   if key not in contents:
@@ -35,6 +35,6 @@ def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.fl
   obj = contents[key]
   if not hasattr(obj, 'class_name') or not hasattr(obj, 'state_dict'):
     raise ValueError(f'{os.fspath(path)}: {key!r} holds {type(obj).__name__}, not a network')
-  module = convert.build_network(obj.class_name, obj.init_kwargs, dtype)
+  module = registry.build_network(obj.class_name, obj.init_kwargs, dtype)
   variables = convert.variables_from_state_dict(module, obj.state_dict())
-  return convert.Network(module, variables, obj.class_name, dict(obj.init_kwargs))
+  return registry.Network(module, variables, obj.class_name, dict(obj.init_kwargs))

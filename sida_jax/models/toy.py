@@ -6,7 +6,8 @@ and the shared step run on it unchanged. Data are "images" of any small NHWC sha
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,3 +69,11 @@ def init_toy(denoiser: Denoiser, rng: jax.Array, image_shape: tuple) -> dict:
   labels = jnp.zeros((1, denoiser.label_dim)) if denoiser.label_dim else None
   aug = jnp.zeros((1, denoiser.augment_dim)) if denoiser.augment_dim else None
   return denoiser.module.init(rng, x, jnp.ones((1,)), labels, aug)
+
+
+def from_init_kwargs(class_name: str, init_kwargs: Mapping[str, Any], dtype: Any = jnp.float32) -> ToyPrecond:
+  """A `ToyPrecond` from the kwargs a config or `network.json` records (`class_name` is 'ToyPrecond')."""
+  del class_name
+  kwargs = dict(init_kwargs)
+  kwargs['features'] = tuple(kwargs.get('features', (64, 64)))
+  return ToyPrecond(**kwargs, dtype=dtype)

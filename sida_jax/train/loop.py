@@ -20,8 +20,8 @@ import numpy as np
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
 from sida_jax.losses.method import Method, Networks
-from sida_jax.models import Network, build_network, denoiser_for, is_edm2
 from sida_jax.models import convert
+from sida_jax.models.registry import Network, build_network, denoiser_for, is_edm2_class
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -96,7 +96,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   teacher = load_teacher(config)
   kwargs = _training_kwargs(config, teacher)
   module = build_network(teacher.class_name, kwargs, dtype)
-  edm2 = is_edm2(teacher.class_name)
+  edm2 = is_edm2_class(teacher.class_name)
   trained = denoiser_for(module, teacher.class_name, kwargs, config.loss.use_logvar)
   nets = Networks(teacher=denoiser_for(teacher.module, teacher.class_name, teacher.init_kwargs),
                   critic=trained, generator=dataclasses.replace(trained, has_logvar=False))

@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sida_jax import checkpoint
 from sida_jax.losses import edm as edm_loss_lib
-from sida_jax.models import build_network, convert, denoiser_for
+from sida_jax.models import convert
+from sida_jax.models.registry import build_network, denoiser_for
 from sida_jax.train import loop
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib

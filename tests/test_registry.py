@@ -1,0 +1,49 @@
+"""Official class names and constructor kwargs → our modules (build_network and the families' tables)."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import fixtures_dir
+from sida_jax.models import convert, registry
+from sida_jax.models.edm import precond
+from sida_jax.models.edm2 import networks as edm2
+
+
+def test_build_network_rejects_bad_input():
+  kwargs = dict(img_resolution=8, img_channels=3, model_type='SongUNet')
+  with pytest.raises(ValueError, match="'training.networks.iDDPMPrecond'"):
+    registry.build_network('training.networks.iDDPMPrecond', kwargs)
+  with pytest.raises(ValueError, match="'channel_multiplier'"):
+    registry.build_network('EDMPrecond', dict(kwargs, channel_multiplier=[1]))
+  with pytest.raises(ValueError, match="'UNetPlusPlus'"):
+    registry.build_network('EDMPrecond', dict(kwargs, model_type='UNetPlusPlus'))
+  with pytest.raises(ValueError, match="'img_channels'"):
+    registry.build_network('VEPrecond', {'img_resolution': 8})
+
+
+def test_build_network_maps_official_kwargs():
+  kwargs = dict(img_resolution=16, img_channels=4, label_dim=10, use_fp16=True, sigma_data=0.6,
+                model_type='SongUNet_EncoderDecoder', channel_mult=[1, 2], augment_dim=9,
+                init_weight_unused_by_edm=None)
+  with pytest.raises(ValueError, match="'init_weight_unused_by_edm'"):
+    registry.build_network('EDMPrecond_EncoderDecoder', kwargs)
+  del kwargs['init_weight_unused_by_edm']
+  module = registry.build_network('sida_training.sida_networks.EDMPrecond_EncoderDecoder', kwargs,
+                                  dtype=jnp.bfloat16)
+  assert isinstance(module, precond.EDMPrecond) and module.dtype == jnp.bfloat16
+  assert (module.sigma_data, module.img_resolution, module.img_channels) == (0.6, 16, 4)
+  assert (module.model.channel_mult, module.label_dim, module.augment_dim) == ((1, 2), 10, 9)
+  vp = registry.build_network('VPPrecond', dict(img_resolution=8, img_channels=3, M=100, beta_d=10))
+  assert (vp.M, vp.beta_d, type(vp.model).__name__) == (100, 10.0, 'SongUNet')
+
+
+@pytest.mark.fixtures
+def test_edm2_classes_are_delegated():
+  kwargs = json.loads((fixtures_dir('edm2') / 'edm2_cond_kwargs.json').read_text())
+  module = registry.build_network(kwargs['class_name'], kwargs['init_kwargs'])
+  assert isinstance(module, edm2.Precond)
+  state = dict(np.load(fixtures_dir('edm2') / 'edm2_cond_state_before.npz'))
+  back = convert.state_dict_from_variables(module, convert.variables_from_state_dict(module, state))
+  assert sorted(back) == sorted(state)
