@@ -20,7 +20,7 @@ import numpy as np
 
 import common
 from sida_jax import sampling
-from sida_jax.train import loop
+from sida_jax.train import run as run_lib
 
 DEFAULT_BATCH = {"smoke": 64, "cifar10": 8, "edm2-xs": 2}
 COLUMNS = (("config", "config", ""), ("sampler", "sampler", ""), ("device", "device_kind", ""),
@@ -34,7 +34,7 @@ def measure_sampling(name: str, batch_size: Optional[int] = None, heun_steps: in
                      repeats: int = 3, dtype: str = "float32") -> list:
   """Two rows (one-step generator, Heun teacher) for one benchmark config."""
   config = common.bench_config(name, dtype)
-  run = loop.build_run(config)
+  run = run_lib.build_run(config)
   batch = batch_size or DEFAULT_BATCH.get(name, 8)
   keys = jax.random.split(jax.random.key(0))
   z = jax.random.normal(keys[0], (batch, *run.image_shape))

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import common
 from sida_jax.models import convert
 from sida_jax.train import loop
+from sida_jax.train import run as run_lib
 from sida_jax.train import step as step_lib
 
 COLUMNS = (("config", "config", ""), ("device", "device_kind", ""), ("params", "params_m", ".2f"),
@@ -49,10 +50,10 @@ def measure_step(name: str, steps: int = 10, devices: int = 1, dtype: str = "flo
   if config.batch_size % devices:
     raise common.Skip(f"batch {config.batch_size} does not split over {devices} devices")
   load_1m = os.getloadavg()[0]
-  run = loop.build_run(config)
+  run = run_lib.build_run(config)
   mesh = step_lib.make_mesh(devices)
   replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(loop.initial_state(run), replicated)
+  state = jax.device_put(run_lib.initial_state(run), replicated)
   teacher = jax.device_put(run.teacher.variables, replicated)
   batch = step_lib.shard_batch(next(loop.Batches(run).iterate(0)), mesh)
   compiled, compile_s, flops = common.compile_timed(step_lib.make_train_step(run.spec, mesh),

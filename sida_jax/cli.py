@@ -14,6 +14,7 @@ from sida_jax.formats import safetensors
 from sida_jax.models import convert
 from sida_jax.models.registry import denoiser_for
 from sida_jax.train import loop
+from sida_jax.train import run as run_lib
 
 MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")
 
@@ -57,9 +58,9 @@ def train_teacher(config, workdir):
 def _generator(config, workdir):
   """(generate(z, labels) -> images, image_shape, label_dim, description) of the configured source."""
   source = config.sample.source or workdir
-  dtype = loop.compute_dtype(config)
+  dtype = run_lib.compute_dtype(config)
   if config.sample.teacher_steps > 0:
-    net = loop.load_teacher(config)
+    net = run_lib.load_teacher(config)
     denoiser = denoiser_for(net.module, net.class_name, net.init_kwargs)
     steps = config.sample.teacher_steps
     # EDM's sampler keeps the schedule inside the network's own σ range (VE: σ_min = 0.02).
@@ -133,7 +134,7 @@ def convert_network(config, workdir):
 
 def reference(config, workdir):
   """Reference statistics (mu, sigma) of the configured dataset under the configured detector."""
-  dataset = loop.make_dataset(config)
+  dataset = run_lib.make_dataset(config)
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: `--mode ref` needs an image dataset")
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
@@ -207,7 +208,7 @@ def pipeline(config, workdir):
     summary[m] = {"kimg": m_config.total_kimg, "train_seconds": previous + time.time() - t0,
                   "fid_history": history, "final_fid": history[-1]["fid"] if history else None,
                   "best_fid": min((h["fid"] for h in history), default=None)}
-    run = loop.build_run(m_config)
+    run = run_lib.build_run(m_config)
     ema = {"params": state.generator_ema, **state.generator.buffers}
     generate = run.generate
     images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),

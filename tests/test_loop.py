@@ -1,4 +1,4 @@
-"""train_and_evaluate: exact resume after SIGKILL, start-up validation, data plumbing."""
+"""train_and_evaluate: exact resume after SIGKILL, data plumbing."""
 import os
 import pathlib
 import signal
@@ -12,6 +12,7 @@ import pytest
 
 from sida_jax import checkpoint
 from sida_jax.train import loop
+from sida_jax.train import run as run_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -89,18 +90,6 @@ def test_in_process_resume_matches(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(teacher="/nonexistent/teacher.pkl"), "file not found"),
-    (dict(batch_size=12), "not divisible"),
-    (dict(method="nope"), "not one of"),
-    (dict(dtype="float16"), "not one of"),
-    (dict(method="sida"), "needs real data"),
-])
-def test_bad_config_fails_at_start_up_with_one_clear_line(tmp_path, overrides, message):
-  with pytest.raises((ValueError, FileNotFoundError), match=message):
-    loop.build_run(_config(**overrides))
-
-
 def test_unknown_config_key_is_rejected_by_main(tmp_path):
   out = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", str(REPO / "configs/smoke.py"),
                         "--workdir", str(tmp_path), "--config.loss.alpah=1.0"],
@@ -118,40 +107,15 @@ def test_data_labels_and_real_images_reach_the_step(tmp_path):
   config.data.source = "mnist5k"
   config.data.resolution = 28
   with pytest.raises(ValueError, match="images are"):
-    loop.build_run(config)
+    run_lib.build_run(config)
   config.network.kwargs.img_resolution = 32
   config.data.resolution = 32
-  run = loop.build_run(config)
+  run = run_lib.build_run(config)
   batches = next(loop.Batches(run).iterate(0))
   assert batches["critic"]["images"].shape == (8, 32, 32, 1)
   assert batches["generator"]["labels"].shape == (8, 10)
   again = next(loop.Batches(run).iterate(0))
   np.testing.assert_array_equal(batches["critic"]["images"], again["critic"]["images"])
-
-
-def test_sid2a_generator_init_from_a_workdir(tmp_path):
-  """SiD²A: the generator (and its EMA) start from a distilled generator, the critic from the teacher."""
-  sid_config = _config(total_kimg=2 * 8 / 1000)
-  sid_config.network.kwargs.img_channels = 1
-  first = loop.train_and_evaluate(sid_config, str(tmp_path / "sid"))
-  config = _config()
-  config.network.kwargs.img_channels = 1
-  config.method = "sida"
-  config.generator_init = str(tmp_path / "sid")
-  config.data.source = "digits"
-  config.data.resolution = 16
-  run = loop.build_run(config)
-  state = loop.initial_state(run)
-  for a, b in zip(jax.tree.leaves(state.generator.params), jax.tree.leaves(first.generator_ema)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(state.critic.params), jax.tree.leaves(run.teacher.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert _max_diff_trees(state.generator.params, run.teacher.params) > 0
-
-
-def _max_diff_trees(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
-                                                                                   jax.tree.leaves(b)))
 
 
 def test_data_free_sid_takes_the_loaders_labels_without_images():
@@ -161,7 +125,7 @@ def test_data_free_sid_takes_the_loaders_labels_without_images():
   config.network.kwargs.label_dim = 10
   config.data.source = "mnist5k"
   config.data.resolution = 32
-  run = loop.build_run(config)
+  run = run_lib.build_run(config)
   batches = next(loop.Batches(run).iterate(3))           # step 3 = loader batches 6 and 7
   loader = run.dataset.iterate(config.batch_size, config.seed, position=6)
   assert set(batches["critic"]) == {"labels"}

@@ -26,6 +26,7 @@ from sida_jax.losses import edm as edm_loss_lib
 from sida_jax.models import convert
 from sida_jax.models.registry import build_network, denoiser_for
 from sida_jax.train import loop
+from sida_jax.train import run as run_lib
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -76,9 +77,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
   """Trains config.network on config.data with the EDM loss for config.total_kimg; resumable."""
   loop.maybe_initialize_distributed()
   kwargs = config.network.kwargs.to_dict()
-  module = build_network(config.network.class_name, kwargs, loop.compute_dtype(config))
+  module = build_network(config.network.class_name, kwargs, run_lib.compute_dtype(config))
   denoiser = denoiser_for(module, config.network.class_name, kwargs)
-  dataset = loop.make_dataset(config)
+  dataset = run_lib.make_dataset(config)
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: teacher training needs an image dataset")
   shape = (int(kwargs["img_resolution"]), int(kwargs["img_resolution"]), int(kwargs["img_channels"]))
