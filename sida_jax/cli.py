@@ -58,9 +58,10 @@ def train_teacher(config, workdir):
 def _generator(config, workdir):
   """(generate(z, labels) -> images, image_shape, label_dim, description) of the configured source."""
   source = config.sample.source or workdir
-  dtype = run_lib.compute_dtype(config)
+  dtype = run_lib.compute_dtype(config.dtype)
   if config.sample.teacher_steps > 0:
-    net = run_lib.load_teacher(config)
+    net = run_lib.load_teacher(config.teacher, config.teacher_key, config.network.class_name,
+                               config.network.kwargs.to_dict(), config.seed, dtype)
     denoiser = denoiser_for(net.module, net.class_name, net.init_kwargs)
     steps = config.sample.teacher_steps
     # EDM's sampler keeps the schedule inside the network's own σ range (VE: σ_min = 0.02).
@@ -134,7 +135,7 @@ def convert_network(config, workdir):
 
 def reference(config, workdir):
   """Reference statistics (mu, sigma) of the configured dataset under the configured detector."""
-  dataset = run_lib.make_dataset(config)
+  dataset = run_lib.make_dataset(config.data.to_dict())
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: `--mode ref` needs an image dataset")
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)

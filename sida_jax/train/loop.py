@@ -31,14 +31,14 @@ class Batches:
   def __init__(self, run: run_lib.Run):
     self.run = run
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
-    self.local = run.config.batch_size // self.process_count
+    self.local = run.batch_size // self.process_count
 
   def _uniform_labels(self, step: int, phase: int) -> dict:
     label_dim = self.run.nets.generator.label_dim
     if not label_dim:
       return {}
-    rng = np.random.default_rng([self.run.config.seed, step, phase])
-    labels = rng.integers(0, label_dim, size=self.run.config.batch_size)
+    rng = np.random.default_rng([self.run.seed, step, phase])
+    labels = rng.integers(0, label_dim, size=self.run.batch_size)
     rows = labels[self.process_index * self.local:(self.process_index + 1) * self.local]
     return {"labels": np.eye(label_dim, dtype=np.float32)[rows]}
 
@@ -51,7 +51,7 @@ class Batches:
         step += 1
     keep_images = self.run.method.uses_real_images
     if keep_images:
-      it = dataset.iterate(self.run.config.batch_size, self.run.config.seed, position=2 * start_step,
+      it = dataset.iterate(self.run.batch_size, self.run.seed, position=2 * start_step,
                            process_index=self.process_index, process_count=self.process_count)
     else:
       it = self._loader_labels(dataset, 2 * start_step)   # same order as the loader, no image decoding
@@ -65,7 +65,7 @@ class Batches:
         if latents:
           # EDM2 stores VAE moments; each use draws a fresh latent mean + std·ε (seeded by step/phase
           # and this process's rows, so resumes are exact).
-          rng = np.random.default_rng([self.run.config.seed, step, phase, self.process_index, 7])
+          rng = np.random.default_rng([self.run.seed, step, phase, self.process_index, 7])
           noise = rng.standard_normal((*images.shape[:-1], images.shape[-1] // 2)).astype(np.float32)
           images = data_lib.edm2_final_latents(images, noise)
         out["images"] = images
@@ -82,7 +82,7 @@ class Batches:
   def _loader_labels(self, dataset, position: int) -> Iterator[dict]:
     """The loader's labels in the loader's order (data-free SiD uses only these)."""
     while True:
-      items = dataset.batch_items(position, self.run.config.batch_size, self.run.config.seed,
+      items = dataset.batch_items(position, self.run.batch_size, self.run.seed,
                                   self.process_index, self.process_count)
       yield {"labels": dataset.labels(items)}
       position += 1
@@ -163,7 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     best["fid"] = meta.get("best_fid") or float("inf")
     logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
   teacher_variables = jax.device_put(run.teacher.variables, replicated)
-  batch = config.batch_size
+  batch = run.batch_size
   total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
   start = int(jax.device_get(state.step))
   end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)

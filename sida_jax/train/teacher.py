@@ -77,9 +77,9 @@ def train_teacher(config: ml_collections.ConfigDict, workdir: str,
   """Trains config.network on config.data with the EDM loss for config.total_kimg; resumable."""
   loop.maybe_initialize_distributed()
   kwargs = config.network.kwargs.to_dict()
-  module = build_network(config.network.class_name, kwargs, run_lib.compute_dtype(config))
+  module = build_network(config.network.class_name, kwargs, run_lib.compute_dtype(config.dtype))
   denoiser = denoiser_for(module, config.network.class_name, kwargs)
-  dataset = run_lib.make_dataset(config)
+  dataset = run_lib.make_dataset(config.data.to_dict())
   if dataset is None or not dataset.has_images:
     raise ValueError("config.data.source: teacher training needs an image dataset")
   shape = (int(kwargs["img_resolution"]), int(kwargs["img_resolution"]), int(kwargs["img_channels"]))
