@@ -33,7 +33,7 @@ def test_per_device_pooled_bce_equals_hand_computed_group_means():
   batch = {"critic": {"images": real}, "generator": {"images": real}}
   state = state_lib.init_state(jax.random.key(5), variables, variables, tx, tx)
   mesh = step_lib.make_mesh(8)
-  draws = step_lib.sample_draws(spec, step_lib._iteration_key(state, 0))["critic"]  # pylint: disable=protected-access
+  draws = step_lib.sample_draws(spec, step_lib.iteration_key(state, 0))["critic"]
   _, metrics = step_lib.make_train_step(spec, mesh)(state, variables, step_lib.shard_batch(batch, mesh))
 
   # By hand: the same global draws, networks run on the whole batch, BCE averaged per device (2 samples).

@@ -63,7 +63,7 @@ def sample_draws(spec: StepSpec, rng: Array) -> dict:
   return {"critic": critic, "generator": generator}
 
 
-def _iteration_key(state: state_lib.DistillState, stream: int) -> Array:
+def iteration_key(state: state_lib.DistillState, stream: int) -> Array:
   """Keys are a function of (seed, step, stream) only, which makes resumes exact."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step), stream)
 
@@ -141,7 +141,7 @@ def generator_phase(spec: StepSpec, state: state_lib.DistillState, critic: state
 def step_body(spec: StepSpec, state: state_lib.DistillState, teacher_variables: dict, batch: dict,
               draws: dict, axis_name: Optional[str] = None):
   """One iteration on one device's share of the batch (the whole batch on a single device)."""
-  rng = _iteration_key(state, 1)
+  rng = iteration_key(state, 1)
   if axis_name:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   k_critic, k_gen = jax.random.split(rng)
@@ -187,7 +187,7 @@ def make_train_step(spec: StepSpec, mesh: Mesh):
                        out_specs=(replicated, replicated), check_vma=False)
 
   def train_step(state, teacher_variables, batch):
-    draws = sample_draws(spec, _iteration_key(state, 0))
+    draws = sample_draws(spec, iteration_key(state, 0))
     draws = jax.lax.with_sharding_constraint(draws, NamedSharding(mesh, sharded))
     return body(state, teacher_variables, batch, draws)
 
