@@ -24,6 +24,7 @@ Variables = dict[str, Any]
 # Collections of a network's variables (THE NETWORK CONVENTION): trainable params, stored buffers.
 COLLECTIONS = ('params', 'buffers')
 
+
 def example_inputs(module: nn.Module, batch_size: int = 1) -> tuple:
   """Positional inputs that exercise every parameter of `module` (zeros, float32).
 

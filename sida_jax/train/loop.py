@@ -78,7 +78,6 @@ class Batches:
       yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
       step += 1
 
-
   def _loader_labels(self, dataset, position: int) -> Iterator[dict]:
     """The loader's labels in the loader's order (data-free SiD uses only these)."""
     while True:
@@ -93,8 +92,6 @@ def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.nd
   z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim)
   images = run.generate(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
   return image_grid(sampling.to_uint8(images))
-
-
 
 
 def image_grid(images: np.ndarray) -> np.ndarray:
