@@ -13,8 +13,8 @@ from conftest import fixture_files, fixtures_dir
 from sida_jax.models import convert, edm2, precond
 
 KWARGS = fixture_files('edm', '*_kwargs.json')
-NETWORK_IO = [c for c in fixture_files('edm', '*_io.npz')
-              if c.values[0] is None or not c.values[0].name.startswith('block_')]
+NETWORK_IO = fixture_files('edm', '*_io.npz', exclude='block_*')
+EDM2_KWARGS = fixture_files('edm2', '*_kwargs.json', exclude='block_*')
 
 
 def _stem(path, suffix):
@@ -138,13 +138,16 @@ def test_build_network_maps_official_kwargs():
 
 
 @pytest.mark.fixtures
-def test_edm2_classes_are_delegated():
-  kwargs = json.loads((fixtures_dir('edm2') / 'edm2_cond_kwargs.json').read_text())
+@pytest.mark.parametrize('kwargs_path', EDM2_KWARGS)
+def test_edm2_classes_are_delegated(kwargs_path):
+  kwargs = json.loads(kwargs_path.read_text())
   module = convert.build_network(kwargs['class_name'], kwargs['init_kwargs'])
   assert isinstance(module, edm2.Precond)
-  state = dict(np.load(fixtures_dir('edm2') / 'edm2_cond_state_before.npz'))
+  state = dict(np.load(kwargs_path.with_name(f'{_stem(kwargs_path, "_kwargs.json")}_state_before.npz')))
   back = convert.state_dict_from_variables(module, convert.variables_from_state_dict(module, state))
   assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
 @pytest.mark.fixtures
