@@ -1,7 +1,9 @@
-"""Test-wide settings: 8 fake CPU devices, full-precision matmuls, a persistent compile cache.
+"""Test-wide settings: 8 fake CPU devices, full-precision matmuls, a persistent compile cache; and the
+discovery of the official fixture files ($SIDA_FIXTURES) for the tests marked `fixtures`.
 
 Everything here must happen before JAX is first imported, so it lives at module top level.
 """
+import fnmatch
 import os
 import pathlib
 
@@ -24,24 +26,53 @@ def fixtures_root() -> pathlib.Path:
   return pathlib.Path(os.environ.get("SIDA_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 
+def fixtures_required() -> bool:
+  """SIDA_REQUIRE_FIXTURES=1 (CI): a missing fixture folder fails the fixture tests instead of skipping them."""
+  return os.environ.get("SIDA_REQUIRE_FIXTURES", "") not in ("", "0")
+
+
+def _missing(reason: str):
+  """Skip, or fail when the fixtures are required, with the reason."""
+  if fixtures_required():
+    pytest.fail(f"{reason} (SIDA_REQUIRE_FIXTURES is set)", pytrace=False)
+  pytest.skip(reason)
+
+
 def fixtures_dir(sub: str) -> pathlib.Path:
-  """One sub-folder of the fixtures; skips the calling test (with the reason) when it is absent."""
+  """One sub-folder of the fixtures; skips (fails under SIDA_REQUIRE_FIXTURES) when it is absent."""
   folder = fixtures_root() / sub
   if not folder.is_dir():
-    pytest.skip(f"official fixtures not found at {folder} (set SIDA_FIXTURES)")
+    _missing(f"official fixtures not found at {folder} (set SIDA_FIXTURES)")
   return folder
 
 
-def fixture_files(sub: str, pattern: str) -> list:
-  """Discover fixture cases by listing files, for `pytest.mark.parametrize`.
+def fixture_files(sub: str, pattern: str, exclude: str = "") -> list:
+  """Fixture cases for `pytest.mark.parametrize`, discovered by listing `sub/pattern` (minus `exclude`).
 
-  When the folder is absent the list holds one skipped case whose reason says where it looked, so
-  the test reports a clear skip instead of silently collecting nothing.
+  Nothing about a fixture set is assumed beyond its file format: any set of official outputs is checked
+  the same way. When the folder is absent, or nothing matches, the list holds one placeholder case that
+  skips with the reason (fails under SIDA_REQUIRE_FIXTURES; fails anyway when the folder exists but holds
+  no such file), so a test never passes, or vanishes, without checking anything.
   """
   folder = fixtures_root() / sub
   if not folder.is_dir():
-    return [pytest.param(None, marks=pytest.mark.skip(
-        reason=f"official fixtures not found at {folder} (set SIDA_FIXTURES)"))]
-  files = sorted(folder.glob(pattern))
-  assert files, f"no fixture files match {pattern} in {folder}"
-  return [pytest.param(f, id=f.name) for f in files]
+    reason, required = f"official fixtures not found at {folder} (set SIDA_FIXTURES)", False
+  else:
+    files = [f for f in sorted(folder.glob(pattern)) if not (exclude and fnmatch.fnmatch(f.name, exclude))]
+    if files:
+      return [pytest.param(f, id=f.name) for f in files]
+    reason, required = f"no fixture file matches {pattern!r} in {folder}", True
+  return [pytest.param(None, id=f"missing-{sub}", marks=pytest.mark.fixtures_missing(reason, required=required))]
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "fixtures_missing(reason, required): placeholder case of an absent fixture")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+  marker = item.get_closest_marker("fixtures_missing")
+  if marker is not None:
+    if marker.kwargs.get("required"):
+      pytest.fail(marker.args[0], pytrace=False)
+    _missing(marker.args[0])

@@ -1,8 +1,9 @@
-"""Replays one official SiD/SiDA training step (shared/fixtures/sid) through our step functions.
+"""Replays one official SiD/SiDA training step (`sid/*_step_io.npz` of the fixtures) through our step functions.
 
 Everything comes from the fixture files: the teacher pickle named in the meta JSON, the hyperparameters, the
-six random draws, the batches and the stored post-update fake-score weights.
+batch size, the six random draws, the batches and the stored post-update fake-score weights.
 """
+import dataclasses
 import json
 
 import jax
@@ -96,9 +97,18 @@ class Replay:
     params = traverse_util.unflatten_dict(params)
     return self.state.critic.replace(params=jax.tree.map(jnp.asarray, params))
 
-  def run_generator_phase(self, step=0):
+  def run_generator_phase(self, step=0, term=None):
+    """The generator phase at iteration `step`; `term` (a metric name) differentiates that term alone."""
+    spec = self.spec
+    if term is not None:
+      loss_fn = spec.method.generator_loss
+
+      def term_only(x_g, inputs):
+        _, metrics = loss_fn(x_g, inputs)
+        return metrics[term], metrics
+      spec = dataclasses.replace(spec, method=dataclasses.replace(spec.method, generator_loss=term_only))
     state = self.state.replace(step=jnp.asarray(step, jnp.int32))
-    return step_lib.generator_phase(self.spec, state, self.stored_critic(), self.teacher,
+    return step_lib.generator_phase(spec, state, self.stored_critic(), self.teacher,
                                     self.batch("G_phase"), self.generator_draws(), jax.random.key(2))
 
   def grads(self, name):

@@ -73,8 +73,7 @@ def _precond_runner(module):
 
 
 def _network_cases():
-  return [f for f in fixture_files('edm2', '*_io.npz') if f.values[0] is None
-          or not f.values[0].name.startswith('block_')]
+  return fixture_files('edm2', '*_io.npz', exclude='block_*')
 
 
 @pytest.mark.fixtures
@@ -102,6 +101,7 @@ def test_precond_eval_cases(io_path):
   module = edm2_convert.from_init_kwargs(meta['class_name'], meta['init_kwargs'])
   variables = _variables_from_state(np.load(io_path.parent / f'{stem}_state_before.npz'))
   run = _precond_runner(module)
+  assert meta['eval_case_names'], 'no case listed'
   for case in meta['eval_case_names']:
     labels = io[f'{case}/class_labels'] if f'{case}/class_labels' in io else None
     (d, logvar), c_noise, f = run(variables, _nhwc(io[f'{case}/x']), io[f'{case}/sigma'], labels, False)
@@ -123,7 +123,8 @@ def test_precond_train_forward_is_double_normalisation(io_path):
   before = _variables_from_state(np.load(io_path.parent / f'{stem}_state_before.npz'))
   after_ref = np.load(io_path.parent / f'{stem}_state_after_train_forward.npz')
   run = _precond_runner(module)
-  x, sigma, labels = _nhwc(io['train/x']), io['train/sigma'], io['train/class_labels']
+  labels = io['train/class_labels'] if 'train/class_labels' in io else None  # unconditional: none passed
+  x, sigma = _nhwc(io['train/x']), io['train/sigma']
 
   # The stored weights after one official train-mode forward = one projection of the weights before.
   step1_vars = edm2.force_normalize(before)
@@ -161,8 +162,8 @@ def test_precond_train_forward_is_double_normalisation(io_path):
 def test_block(io_path):
   stem, meta, io = _load_case(io_path)
   block = edm2.Block(**meta['init_kwargs'])
-  assert (meta['init_kwargs']['out_channels'] // meta['init_kwargs']['channels_per_head']
-          == meta['num_heads'])
+  # The official head count (our defaults for the kwargs left out must be the official ones).
+  assert (block.out_channels // block.channels_per_head if block.attention else 0) == meta['num_heads']
   variables = _variables_from_state(np.load(io_path.parent / f'{stem}_state.npz'))
   y = jax.jit(block.apply)(variables, _nhwc(io['x']), jnp.asarray(io['emb']))
   _assert_close(_nchw(y), io['y'], what=stem)

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from conftest import fixture_files
+from sida_jax.models import convert
 from sida_jax.models.edm import layers
 
 
@@ -184,19 +184,18 @@ def _block_from_fixture(kwargs):
 @pytest.mark.fixtures
 @pytest.mark.parametrize('io_path', fixture_files('edm', 'block_*_io.npz'))
 def test_unet_block_matches_official(io_path):
-  """Multi-head attention blocks (interleaved qkv layout), SongUNet and ADM options."""
+  """Multi-head attention (interleaved qkv layout), up/down resampling, SongUNet and ADM options."""
   stem = io_path.name[:-len('_io.npz')]
   meta = json.loads(io_path.with_name(f'{stem}_kwargs.json').read_text())
   block = _block_from_fixture(meta['init_kwargs'])
   assert block.heads == meta['num_heads']
   state = dict(np.load(io_path.with_name(f'{stem}_state.npz')))
-  params = traverse_util.unflatten_dict(state, sep='.')
-  template = jax.eval_shape(block.init, jax.random.key(0), *(jnp.zeros((1, 4, 4, block.in_channels)),
-                                                            jnp.zeros((1, block.emb_channels))))
-  assert jax.tree_util.tree_map(np.shape, params) == jax.tree_util.tree_map(
-      lambda s: s.shape, template['params'])
+  # Strict: every official name and shape; resampling blocks' stored filters must equal the ones we compute.
+  variables = convert.variables_from_state_dict(block, state)
+  assert set(variables) == {'params'}
   io = np.load(io_path)
-  y = block.apply({'params': params}, io['x'].transpose(0, 2, 3, 1), io['emb'])
+  y = block.apply(variables, io['x'].transpose(0, 2, 3, 1), io['emb'])
+  assert y.shape == io['y'].transpose(0, 2, 3, 1).shape
   ref = io['y'].transpose(0, 2, 3, 1)
   assert np.abs(np.asarray(y) - ref).max() <= 1e-5 * np.abs(ref).max()
 

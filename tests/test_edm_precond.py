@@ -11,8 +11,7 @@ from conftest import fixture_files
 from sida_jax.models import convert, registry
 from sida_jax.models.edm import precond
 
-CASES = fixture_files('edm', '*_io.npz')
-NETWORK_CASES = [c for c in CASES if c.values[0] is None or not c.values[0].name.startswith('block_')]
+NETWORK_CASES = fixture_files('edm', '*_io.npz', exclude='block_*')
 
 
 def _load(io_path):
@@ -42,6 +41,7 @@ def test_official_outputs(io_path):
   """Every stored case (per-sample, scalar sigma, labels None, augment absent) reproduces D and c_noise."""
   kwargs, module, variables, io = _load(io_path)
   apply = jax.jit(module.apply)
+  assert kwargs['case_names'], 'no case listed'
   for case in kwargs['case_names']:
     x, sigma, labels, augment = _case_inputs(io, case)
     d_x = apply(variables, x, sigma, labels, augment)

@@ -6,12 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_files, fixtures_dir
+from conftest import fixture_files
 from sida_jax.models import convert, registry
 from sida_jax.models.edm import unets as edm
 
-NETWORK_CASES = [c for c in fixture_files('edm', '*_kwargs.json')
-                 if c.values[0] is None or not c.values[0].name.startswith('block_')]
+NETWORK_CASES = fixture_files('edm', '*_kwargs.json', exclude='block_*')
 
 
 def _nhwc(a):
@@ -79,31 +78,35 @@ def test_encoder_modes_agree(kwargs_path):
 
 
 @pytest.mark.fixtures
-def test_sida_encoder_logits_match_official():
-  """SiDA's fake phase: the fake score network is still the teacher when it produces both logits.
+@pytest.mark.parametrize('io_path', fixture_files('sid', '*_step_io.npz'))
+def test_fake_score_phase_outputs_match_official(io_path):
+  """The fake score network of a recorded SiD/SiDA step, still the teacher when the fake phase calls it.
 
-  Per the fixtures README the fake score is a copy of the teacher, called (dropout 0) in
-  'encoder_decoder' mode on the fake input and in 'encoder' mode on the real input before its
-  Adam step, with augment labels zeros [N, 9].
+  Per the fixtures README it is a copy of the teacher called (dropout 0) on the fake input, SiDA in
+  'encoder_decoder' mode and then in 'encoder' mode on the real input (its logits), before its Adam step.
+  SiD calls it without augment labels, SiDA with zeros: the same output, as map_augment has no bias.
   """
-  folder = fixtures_dir('sid')
-  meta = json.loads((folder / 'sida_step_meta.json').read_text())
-  io = np.load(folder / 'sida_step_io.npz')
+  meta = json.loads(io_path.with_name(io_path.name.replace('_step_io.npz', '_step_meta.json')).read_text())
+  io = np.load(io_path)
   init_kwargs = {k: v for k, v in meta['network_kwargs'].items() if k != 'class_name'}
   module = registry.build_network(meta['network_class'], init_kwargs)
   stem = meta['teacher_pickle'][:-len('.pkl')]
-  state = dict(np.load(fixtures_dir('edm') / f'{stem}_state.npz'))
+  state = dict(np.load(io_path.parent.parent / 'edm' / f'{stem}_state.npz'))
   variables = convert.variables_from_state_dict(module, state)
-  labels = io['fake_phase/class_labels']
+  labels = io['fake_phase/class_labels'] if init_kwargs.get('label_dim') else None
   sigma = io['fake_phase/sigma']
-  augment = np.zeros((labels.shape[0], init_kwargs['augment_dim']), np.float32)
-  logit_real = module.apply(variables, _nhwc(io['fake_phase/fake_score_real_input_x']), sigma, labels,
-                            augment, return_flag='encoder')
-  assert _rel_err(logit_real, _nhwc(io['fake_phase/logit_real'])) <= 1e-5
+  augment = (np.zeros((sigma.shape[0], init_kwargs['augment_dim']), np.float32)
+             if init_kwargs.get('augment_dim') else None)
   d_x, logit_fake = module.apply(variables, _nhwc(io['fake_phase/fake_score_input_x']), sigma, labels,
                                  augment, return_flag='encoder_decoder')
-  assert _rel_err(logit_fake, _nhwc(io['fake_phase/logit_fake'])) <= 1e-5
   assert _rel_err(d_x, _nhwc(io['fake_phase/fake_score_output'])) <= 1e-5
+  if 'fake_phase/logit_fake' in io:
+    assert _rel_err(logit_fake, _nhwc(io['fake_phase/logit_fake'])) <= 1e-5
+    logit_real = module.apply(variables, _nhwc(io['fake_phase/fake_score_real_input_x']), sigma, labels,
+                              augment, return_flag='encoder')
+    assert _rel_err(logit_real, _nhwc(io['fake_phase/logit_real'])) <= 1e-5
+  else:
+    assert not meta['hyperparameters'].get('use_gan', False)
 
 
 def _cifar10_ddpmpp(**overrides):

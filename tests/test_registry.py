@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixtures_dir
+from conftest import fixture_files
 from sida_jax.models import convert, registry
 from sida_jax.models.edm import precond
 from sida_jax.models.edm2 import networks as edm2
@@ -40,10 +40,14 @@ def test_build_network_maps_official_kwargs():
 
 
 @pytest.mark.fixtures
-def test_edm2_classes_are_delegated():
-  kwargs = json.loads((fixtures_dir('edm2') / 'edm2_cond_kwargs.json').read_text())
+@pytest.mark.parametrize('kwargs_path', fixture_files('edm2', '*_kwargs.json', exclude='block_*'))
+def test_edm2_classes_are_delegated(kwargs_path):
+  kwargs = json.loads(kwargs_path.read_text())
   module = registry.build_network(kwargs['class_name'], kwargs['init_kwargs'])
   assert isinstance(module, edm2.Precond)
-  state = dict(np.load(fixtures_dir('edm2') / 'edm2_cond_state_before.npz'))
+  stem = kwargs_path.name[:-len('_kwargs.json')]
+  state = dict(np.load(kwargs_path.with_name(f'{stem}_state_before.npz')))
   back = convert.state_dict_from_variables(module, convert.variables_from_state_dict(module, state))
   assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)

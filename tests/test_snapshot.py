@@ -8,8 +8,7 @@ from conftest import fixture_files, fixtures_dir
 from sida_jax.formats import snapshot, torch_files
 from sida_jax.models import convert
 
-NETWORK_IO = [c for c in fixture_files('edm', '*_io.npz')
-              if c.values[0] is None or not c.values[0].name.startswith('block_')]
+NETWORK_IO = fixture_files('edm', '*_io.npz', exclude='block_*')
 
 # ----------------------------------------------------------------------------------------------------
 # Official snapshot pickles (written by the official PyTorch code).
