@@ -26,7 +26,8 @@ generator, after the noise. This module reproduces those draws without torch:
   key = seed and counter = (offset/4, subsequence = thread index); `randn` is `curand_normal4` in a grid-stride
   loop of 256-thread blocks, 4 values per call, so element i comes from thread i mod T, call i // 4T, component
   (i // T) mod 4, with T = 256·grid. The grid is ceil(numel/256) blocks unless that exceeds
-  SM count × (max threads per SM / 256) (then pass `cuda_sm_count`, `cuda_max_threads_per_sm`). The Philox words,
+  SM count × (max threads per SM / 256): tensors of more than `CUDA_ONE_WAVE` elements need `sm_count` and
+  `max_threads_per_sm`. Label draws follow at Philox offset 4. The Philox words,
   the thread layout, the uniforms and the labels are exact integer/float arithmetic; the normals are not: the
   device computes sin/cos with the `__sincosf` hardware approximation (and its own logf), which we replace by
   correctly rounded ones, so expect differences of ~1e-6 in most elements.
@@ -259,6 +260,9 @@ def philox4x32_10(counter: np.ndarray, key: np.ndarray) -> np.ndarray:
   return np.stack(c, axis=-1)
 
 
+# Up to this many elements every GPU runs one wave of threads (40 SMs × 4 blocks of 256 on a T4), so the draw
+# does not depend on the GPU; beyond it the caller must say which GPU (SM count, max threads per SM).
+CUDA_ONE_WAVE = 256 * 40 * 4
 _CURAND_INV_2POW32 = _f32(2.3283064e-10)
 _CURAND_INV_2POW32_2PI = _f32(_CURAND_INV_2POW32 * _f32(6.2831855))
 
@@ -274,10 +278,13 @@ def _curand_box_muller(x: np.ndarray, y: np.ndarray) -> tuple:
 
 
 def _cuda_launch(numel: int, unroll: int, sm_count: Optional[int], max_threads_per_sm: Optional[int]) -> tuple:
-  """(threads T, Philox offset increment) of ATen's `calc_execution_policy`: 256-thread blocks."""
+  """(threads T, Philox offset increment) of ATen's `calc_execution_policy`: 256-thread blocks, at most
+  SM count × (max threads per SM / 256) of them."""
   blocks = -(-numel // 256)
   if sm_count is not None:
-    blocks = min(blocks, sm_count * (max_threads_per_sm or 2048) // 256)
+    if not max_threads_per_sm:
+      raise ValueError("cuda randn: give max_threads_per_sm with sm_count (e.g. 2048 on A100/H100, 1536 on RTX 30/40)")
+    blocks = min(blocks, sm_count * (max_threads_per_sm // 256))
   threads = 256 * blocks
   calls = (numel - 1) // (threads * unroll) + 1
   return threads, calls * 4
@@ -302,10 +309,10 @@ def cuda_randn_randint(seeds: Sequence[int], shape: Sequence[int], high: int = 0
   offset = 0
   noise = np.zeros((seeds.size, numel), _f32)
   if numel:
+    if sm_count is None and numel > CUDA_ONE_WAVE:
+      raise ValueError(f"cuda randn of {numel} elements (> {CUDA_ONE_WAVE}): the grid depends on the GPU; "
+                       "give its SM count and max threads per SM")
     threads, increment = _cuda_launch(numel, 4, sm_count, max_threads_per_sm)
-    if sm_count is None and threads > 256 * 132 * 8:
-      raise ValueError(f"cuda randn of {numel} elements: the grid depends on the GPU; give its SM count and "
-                       "max threads per SM")
     i = np.arange(numel, dtype=np.int64)
     thread, rest = i % threads, i // threads
     call, component = rest // 4, rest % 4
