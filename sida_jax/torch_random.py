@@ -1,36 +1,35 @@
-"""PyTorch's per-seed random draws, re-done in numpy: the noise and labels of image i, as the official scripts draw them.
+"""PyTorch's per-seed random draws in numpy: the noise and labels of image i as the official scripts draw them.
 
-EDM's `generate.py`, SiD's `generate_onestep.py` and EDM2's `generate_images.py` all give every image its own
+EDM's `generate.py`, SiD's `generate_onestep.py` and EDM2's `generate_images.py` give every image its own
 generator (`StackedRandomGenerator`): `torch.Generator(device).manual_seed(seed % 2**32)`, then
 `torch.randn([C, H, W])` and, for conditional networks only, `torch.randint(label_dim, size=[])` from the same
-generator, after the noise. This module reproduces those draws without torch:
+generator. This module redoes those draws without torch.
 
-* CPU generator (`device="cpu"`), bit for bit. torch's mt19937 (seeded like `manual_seed`: the reference
-  init_genrand), its float32 `normal_` and its `randint`:
-  - fewer than 16 elements: the scalar path. Each pair of normals takes two 53-bit doubles (two 32-bit words
-    each, the first one the high half), Box–Muller in float64 (r = sqrt(−2·log1p(−u2)), θ = 2π·u1, cos first, the
-    sin kept for the next element), then a cast to float32. Evaluated with Python's `math` (the C library's
-    double functions, as torch calls them).
-  - 16 elements or more: the vectorised path of x86-64 builds with AVX2 (torch's AVX2 and AVX512 CPU
-    capabilities take the same code). All uniforms u = (word & 0xFFFFFF)·2⁻²⁴ are drawn first; Box–Muller runs on
-    blocks of 16 (u1 = 1 − u[j], u2 = u[j + 8], j < 8; cos → j, sin → j + 8) with the Cephes-style float32 log and
-    sincos of `avx_mathfun.h`, including the multiply-adds the compiler fused (measured, see the tests); when the
-    size is not a multiple of 16, 16 fresh uniforms redo the last 16 elements.
-  - `randint(high)`: word % high, with one 32-bit word for high < 2**28 and a 64-bit value (two words, first one
-    high) otherwise.
-  NOT reproduced: torch builds whose CPU capability is DEFAULT (non-AVX2 x86, ARM, `ATEN_CPU_CAPABILITY=default`)
-  use the C library's float32 logf/sinf/cosf for ≥ 16 elements; their draws differ from ours in the last bit of
-  a few percent of elements.
-* CUDA generator (`device="cuda"`): UNVERIFIED against a GPU (written from the curand and ATen sources; see
-  tests/test_torch_random.py, which checks it against torch when a CUDA device is present). Philox4x32-10 with
-  key = seed and counter = (offset/4, subsequence = thread index); `randn` is `curand_normal4` in a grid-stride
-  loop of 256-thread blocks, 4 values per call, so element i comes from thread i mod T, call i // 4T, component
-  (i // T) mod 4, with T = 256·grid. The grid is ceil(numel/256) blocks unless that exceeds
-  SM count × (max threads per SM / 256): tensors of more than `CUDA_ONE_WAVE` elements need `sm_count` and
-  `max_threads_per_sm`. Label draws follow at Philox offset 4. The Philox words,
-  the thread layout, the uniforms and the labels are exact integer/float arithmetic; the normals are not: the
-  device computes sin/cos with the `__sincosf` hardware approximation (and its own logf), which we replace by
-  correctly rounded ones, so expect differences of ~1e-6 in most elements.
+CPU generator (`device="cpu"`): bit for bit (tested against torch 2.13.0 and 2.14.1).
+* mt19937 seeded like `manual_seed` (the reference init_genrand; seeds ≥ 2**32 are reduced mod 2**32).
+* `randn` of fewer than 16 elements: two 53-bit uniforms per pair of normals (each from two 32-bit words,
+  the first one high), Box–Muller in float64 (r = sqrt(−2·log1p(−u2)), θ = 2π·u1; r·cos θ, then r·sin θ),
+  cast to float32. The float64 functions are Python's `math`, i.e. the C library's, which torch calls too.
+* `randn` of 16 elements or more: all uniforms (word & 0xFFFFFF)·2⁻²⁴ first, then Box–Muller on blocks of
+  16 (u1 = 1 − u[j], u2 = u[j + 8] for j < 8; r·cos θ → j, r·sin θ → j + 8) in float32 with the Cephes-style
+  log and sincos of ATen's `avx_mathfun.h`, including the multiply-adds the compiler fused. When the size is not a
+  multiple of 16, 16 fresh uniforms redo the last 16 elements. This is the code of x86-64 builds running with
+  the AVX2 or AVX512 CPU capability. NOT reproduced: the DEFAULT capability (x86 without AVX2, ARM,
+  `ATEN_CPU_CAPABILITY=default`), which evaluates the same blocks with the C library's float32 logf/sinf/cosf
+  and draws different values (38 % of elements differ, by up to 2e-6).
+* `randint(high)`: word % high, from one 32-bit word for high < 2**28, else from two words (first one high).
+
+CUDA generator (`device="cuda"`): UNVERIFIED on a GPU. Written from the ATen and curand sources; checked
+against values people printed from GPU runs (4 decimals) and, when a CUDA device is present, against torch
+(tests/test_torch_random.py). Philox4x32-10 with key = seed and 128-bit counter = (offset/4 + call) + 2⁶⁴·thread.
+`randn` runs `curand_normal4` in a grid-stride loop: with T = 256·(number of blocks) threads, element i is
+component (i // T) mod 4 of call i // 4T of thread i mod T, and the components are (r·sin, r·cos) of words
+(x, y), then of (z, w). The grid has ceil(numel/256) blocks, capped at SM count × (max threads per SM / 256):
+up to `CUDA_ONE_WAVE` elements every GPU agrees; larger draws need `sm_count` and `max_threads_per_sm`. The
+generator's offset then moves by 4 per call per thread, and `randint` takes word x of thread 0 there. Words,
+layout, uniforms and labels are integer (or exactly rounded float) arithmetic, so they should match exactly;
+the normals cannot: the device uses the `__sincosf` hardware approximation (and its own logf) where we use
+correctly rounded functions, so expect differences around 1e-6.
 """
 from __future__ import annotations
 
@@ -65,9 +64,9 @@ def _mt_twist(mt: np.ndarray) -> None:
   def update(lo, hi, far):
     y = (mt[lo:hi] & _MT_UPPER) | (mt[lo + 1:hi + 1] & _MT_LOWER)
     mt[lo:hi] = far ^ (y >> _u32(1)) ^ ((y & _u32(1)) * _MT_MATRIX_A)
-  update(0, _MT_N - _MT_M, mt[_MT_M:].copy())
-  update(_MT_N - _MT_M, 2 * (_MT_N - _MT_M), mt[:_MT_N - _MT_M].copy())
-  update(2 * (_MT_N - _MT_M), _MT_N - 1, mt[_MT_N - _MT_M:_MT_M - 1].copy())
+  update(0, _MT_N - _MT_M, mt[_MT_M:])
+  update(_MT_N - _MT_M, 2 * (_MT_N - _MT_M), mt[:_MT_N - _MT_M])
+  update(2 * (_MT_N - _MT_M), _MT_N - 1, mt[_MT_N - _MT_M:_MT_M - 1])
   y = (mt[_MT_N - 1] & _MT_UPPER) | (mt[0] & _MT_LOWER)
   mt[_MT_N - 1] = mt[_MT_M - 1] ^ (y >> _u32(1)) ^ ((y & _u32(1)) * _MT_MATRIX_A)
 
@@ -155,13 +154,13 @@ def _avx2_sincos(x: np.ndarray) -> tuple:
     x = fma32(q, part, x)
   z = x * x
   cos_p = fma32(fma32(np.full_like(z, _COS_POLY[0]), z, _COS_POLY[1]), z, _COS_POLY[2])
-  cos_p = fma32(cos_p * z, z, -(z * _f32(0.5))) + _f32(1)
+  cos_p = fma32(cos_p * z, z, -(z * _f32(0.5))) + _f32(1)   # the second ·z fused with − z/2
   sin_p = fma32(fma32(np.full_like(z, _SIN_POLY[0]), z, _SIN_POLY[1]), z, _SIN_POLY[2])
   sin_p = fma32(sin_p * z, x, x)
   swap = (quadrant & 2) != 0
   sin = np.where(swap, cos_p, sin_p)
   cos = np.where(swap, sin_p, cos_p)
-  sin = np.where((quadrant & 4) != 0, -sin, sin)
+  sin = np.where((quadrant & 4) != 0, -sin, sin)   # the signs of quadrants 4-7 and 2-5
   cos = np.where(((quadrant - 2) & 4) == 0, -cos, cos)
   return sin, cos
 
