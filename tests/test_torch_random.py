@@ -10,9 +10,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from configs import smoke
 from conftest import fixtures_dir
 from sida_jax import cli, sampling, torch_random
-from configs import smoke
 
 DATA = pathlib.Path(__file__).parent / "data" / "torch_random"
 
