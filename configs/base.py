@@ -110,6 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 64
   c.sample.teacher_steps = 0   # > 0: sample the teacher with the Heun sampler instead (NFE 2n−1)
   c.sample.write_png = True
+  # Whose random numbers make image i (sample, eval, periodic FID and grids): 'torch_cpu' = exactly what
+  # torch.Generator('cpu') draws in the official scripts; 'torch_cuda' = torch.Generator('cuda') (normals only
+  # close, see sida_jax/torch_random.py); 'numpy' = np.random.RandomState(seed).
+  c.sample.rng = "torch_cpu"
 
   # Evaluation (`--mode eval`, periodic evaluation, `--mode ref`).
   c.eval = ml_collections.ConfigDict()

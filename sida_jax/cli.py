@@ -41,7 +41,7 @@ def _periodic_evaluator(config):
     return evaluation.evaluate(lambda z, y: generate(ema_variables, z, y), run.image_shape,
                                run.nets.generator.label_dim, detector, reference_cache[res],
                                config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
-                               config.eval.inception_score)
+                               config.eval.inception_score, rng=config.sample.rng)
   return evaluate_fn
 
 
@@ -90,8 +90,8 @@ def sample(config, workdir):
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
   images = np.concatenate(list(evaluation.generated_batches(generate, seeds, image_shape, label_dim,
-                                                            config.sample.batch_size)))
-  _, labels = sampling.seed_noise(seeds, image_shape, label_dim)
+                                                            config.sample.batch_size, config.sample.rng)))
+  _, labels = sampling.seed_noise(seeds, image_shape, label_dim, config.sample.rng)
   if config.sample.write_png:
     for seed, img in zip(seeds, images):
       PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
@@ -109,7 +109,8 @@ def evaluate(config, workdir):
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference = evaluation.reference_statistics(detector, config.eval.ref_stats, image_shape[0])
   results = evaluation.evaluate(generate, image_shape, label_dim, detector, reference, config.eval.num_images,
-                                config.eval.batch_size, config.eval.seed_offset, config.eval.inception_score)
+                                config.eval.batch_size, config.eval.seed_offset, config.eval.inception_score,
+                                rng=config.sample.rng)
   results = {k: float(v) for k, v in results.items()}
   results.update(source=what, detector=config.eval.detector, num_images=config.eval.num_images)
   checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
@@ -187,11 +188,12 @@ def pipeline(config, workdir):
     detector = evaluation.make_detector(t_config.eval.detector, t_config.eval.detector_path)
     reference = evaluation.reference_statistics(detector, t_config.eval.ref_stats, image_shape[0])
     results = evaluation.evaluate(generate, image_shape, label_dim, detector, reference,
-                                  t_config.eval.num_images, t_config.eval.batch_size, inception_score=False)
+                                  t_config.eval.num_images, t_config.eval.batch_size, inception_score=False,
+                                  rng=t_config.sample.rng)
     summary["teacher"].update(fid=float(results["fid"]), nfe=2 * config.teacher_heun_steps - 1,
                               eval_seconds=time.time() - t0)
     images = np.concatenate(list(evaluation.generated_batches(generate, list(range(64)), image_shape,
-                                                              label_dim, 64)))
+                                                              label_dim, 64, t_config.sample.rng)))
     _save_grid(os.path.join(workdir, "grid_teacher.png"), images)
     checkpoint.write_json(summary_path, summary)
 
@@ -213,7 +215,8 @@ def pipeline(config, workdir):
     ema = {"params": state.generator_ema, **state.generator.buffers}
     generate = run.generate
     images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),
-                                                              list(range(64)), run.image_shape, 0, 64)))
+                                                              list(range(64)), run.image_shape, 0, 64,
+                                                              m_config.sample.rng)))
     _save_grid(os.path.join(workdir, f"grid_{m}.png"), images)
     checkpoint.write_json(summary_path, summary)
 

@@ -89,11 +89,11 @@ def reference_statistics(detector: Detector, ref_stats: str, resolution: int) ->
 
 
 def generated_batches(generate: Callable, seeds: list, image_shape: tuple, label_dim: int,
-                      batch_size: int):
+                      batch_size: int, rng: str = "torch_cpu"):
   """uint8 batches of generated images, image i drawn from seeds[i] whatever the batch size."""
   for i in range(0, len(seeds), batch_size):
     chunk = seeds[i:i + batch_size]
-    z, labels = sampling.seed_noise(chunk, image_shape, label_dim)
+    z, labels = sampling.seed_noise(chunk, image_shape, label_dim, rng)
     pad = batch_size - len(chunk)   # fixed shapes: one compilation
     if pad:
       z = np.concatenate([z, np.zeros((pad, *z.shape[1:]), z.dtype)])
@@ -104,11 +104,12 @@ def generated_batches(generate: Callable, seeds: list, image_shape: tuple, label
 
 def evaluate(generate: Callable, image_shape: tuple, label_dim: int, detector: Detector,
              reference: tuple, num_images: int, batch_size: int, seed_offset: int = 0,
-             inception_score: bool = True, real_features: Optional[np.ndarray] = None) -> dict:
+             inception_score: bool = True, real_features: Optional[np.ndarray] = None,
+             rng: str = "torch_cpu") -> dict:
   """FID (and IS when the detector has logits; precision/recall when real features are given)."""
   seeds = list(range(seed_offset, seed_offset + num_images))
   mu, sigma, logits, feats = detector.statistics(
-      generated_batches(generate, seeds, image_shape, label_dim, batch_size), real_features is not None)
+      generated_batches(generate, seeds, image_shape, label_dim, batch_size, rng), real_features is not None)
   results = {"fid": fid_lib.frechet_distance(mu, sigma, *reference)}
   if inception_score and logits is not None:
     results["inception_score"], results["inception_score_std"] = fid_lib.inception_score(logits)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sida_jax import torch_random
 from sida_jax.models.denoiser import Denoiser
 
 Array = jax.Array
@@ -107,19 +108,31 @@ def parse_seeds(spec: str | Sequence[int]) -> list:
   return seeds
 
 
-def seed_noise(seeds: Sequence[int], image_shape: tuple, label_dim: int = 0) -> tuple:
-  """Per-image noise and labels from each image's own seed, so image i never depends on batching.
+RNGS = ("torch_cpu", "torch_cuda", "numpy")
 
-  Like EDM's StackedRandomGenerator: one generator per seed; float64 normals cast to float32 (the SiD
-  generation scripts draw in float64). Labels are uniform classes drawn after the noise from the same
-  generator.
+
+def seed_noise(seeds: Sequence[int], image_shape: tuple, label_dim: int = 0, rng: str = "torch_cpu") -> tuple:
+  """Per-image noise [n, H, W, C] and one-hot labels [n, label_dim] (or None), each image from its own seed.
+
+  Like the official scripts' StackedRandomGenerator: one generator per seed (seed mod 2**32), the noise drawn as
+  randn([C, H, W]) (returned transposed to our NHWC), then, for conditional nets, randint(label_dim) from the
+  same generator. `rng` picks the generator: "torch_cpu" draws exactly what torch.Generator('cpu') draws;
+  "torch_cuda" follows torch.Generator('cuda') (unverified against a GPU, normals only close: see
+  sida_jax.torch_random); "numpy" draws from np.random.RandomState(seed) instead (float64 normals cast to float32).
   """
-  noise, labels = [], []
-  for seed in seeds:
-    rng = np.random.RandomState(int(seed) % (1 << 32))
-    noise.append(rng.randn(*image_shape).astype(np.float32))
-    if label_dim:
-      labels.append(np.eye(label_dim, dtype=np.float32)[rng.randint(label_dim)])
-  z = np.stack(noise)
-  y = np.stack(labels) if label_dim else None
+  if rng not in RNGS:
+    raise ValueError(f"sample.rng {rng!r}: expected one of {RNGS}")
+  h, w, c = image_shape
+  if rng == "numpy":
+    noise, classes = [], []
+    for seed in seeds:
+      state = np.random.RandomState(int(seed) % (1 << 32))
+      noise.append(state.randn(*image_shape).astype(np.float32))
+      if label_dim:
+        classes.append(state.randint(label_dim))
+    z = np.stack(noise)
+  else:
+    z, classes = torch_random.randn_randint(seeds, (c, h, w), label_dim, device=rng[len("torch_"):])
+    z = np.ascontiguousarray(z.transpose(0, 2, 3, 1))
+  y = np.eye(label_dim, dtype=np.float32)[np.asarray(classes)] if label_dim else None
   return z, y

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sida_jax import sampling
+from sida_jax import sampling, torch_random
 from sida_jax.metrics import fid
 from sida_jax.models.denoiser import Denoiser
 from sida_jax.models.toy import init_toy, toy_denoiser
@@ -87,20 +87,47 @@ def test_parse_seeds_errors(spec, message):
     sampling.parse_seeds(spec)
 
 
-def test_seed_noise_depends_only_on_the_images_own_seed():
+@pytest.mark.parametrize("rng", sampling.RNGS)
+def test_seed_noise_depends_only_on_the_images_own_seed(rng):
   shape = (4, 4, 3)
-  z_all, y_all = sampling.seed_noise([3, 5, 9], shape, label_dim=10)
-  z_one, y_one = sampling.seed_noise([5], shape, label_dim=10)
+  z_all, y_all = sampling.seed_noise([3, 5, 9], shape, label_dim=10, rng=rng)
+  z_one, y_one = sampling.seed_noise([5], shape, label_dim=10, rng=rng)
   np.testing.assert_array_equal(z_all[1], z_one[0])
   np.testing.assert_array_equal(y_all[1], y_one[0])
-  rng = np.random.RandomState(9)   # one generator per seed: noise first, then the class
-  np.testing.assert_array_equal(z_all[2], rng.randn(*shape).astype(np.float32))
-  np.testing.assert_array_equal(y_all[2], np.eye(10, dtype=np.float32)[rng.randint(10)])
-  assert z_all.dtype == np.float32 and y_all.shape == (3, 10)
-  z, y = sampling.seed_noise([9], shape)
+  assert z_all.dtype == np.float32 and y_all.shape == (3, 10) and y_all.dtype == np.float32
+  z, y = sampling.seed_noise([9], shape, rng=rng)
   assert y is None
   np.testing.assert_array_equal(z[0], z_all[2])
   assert not np.array_equal(z_all[0], z_all[1])
+
+
+def test_seed_noise_numpy_is_one_random_state_per_seed():
+  shape = (4, 4, 3)
+  z, y = sampling.seed_noise([3, 5, 9, 2**32 + 9], shape, label_dim=10, rng="numpy")
+  rng = np.random.RandomState(9)   # one generator per seed: noise first, then the class
+  np.testing.assert_array_equal(z[2], rng.randn(*shape).astype(np.float32))
+  np.testing.assert_array_equal(y[2], np.eye(10, dtype=np.float32)[rng.randint(10)])
+  np.testing.assert_array_equal(z[3], z[2])   # seeds are taken mod 2**32 like the official scripts
+
+
+@pytest.mark.parametrize("rng", ["torch_cpu", "torch_cuda"])
+def test_seed_noise_torch_is_the_chw_draw_transposed_and_one_hot(rng):
+  z, y = sampling.seed_noise([7, 8], (5, 6, 3), label_dim=1000, rng=rng)
+  chw, classes = torch_random.randn_randint([7, 8], (3, 5, 6), 1000, device=rng[len("torch_"):])
+  np.testing.assert_array_equal(z, chw.transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(y, np.eye(1000, dtype=np.float32)[classes])
+
+
+def test_seed_noise_defaults_to_the_torch_cpu_generator():
+  z, y = sampling.seed_noise([7, 8], (5, 6, 3), label_dim=1000)
+  chw, classes = torch_random.cpu_randn_randint([7, 8], (3, 5, 6), 1000)
+  np.testing.assert_array_equal(z, chw.transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(y.argmax(1), classes)
+
+
+def test_seed_noise_rejects_an_unknown_rng():
+  with pytest.raises(ValueError, match="sample.rng 'philox'"):
+    sampling.seed_noise([0], (2, 2, 1), rng="philox")
 
 
 def test_generate_is_one_denoiser_call_at_init_sigma():
