@@ -90,7 +90,7 @@ class Batches:
 def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
   """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint)."""
   z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim,
-                                  run.config.sample.rng)
+                                  run.sample_rng)
   images = run.generate(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
   return image_grid(sampling.to_uint8(images))
 

@@ -45,6 +45,7 @@ class Run:
   seed: int
   generator_init: str         # SiD²A: where the generator starts ('': the teacher)
   dtype: Any                  # compute dtype of the networks
+  sample_rng: str = 'torch_cpu'  # per-seed noise of sample grids and evaluations (sampling.seed_noise)
 
   @property
   def class_name(self) -> str:
@@ -145,7 +146,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
       augment_fn=augment_fn, generator_train_transform=transform, critic_train_transform=transform)
   return Run(teacher=teacher, train_kwargs=kwargs, nets=nets, method=method, spec=spec, dataset=dataset,
              image_shape=image_shape, batch_size=config.batch_size, seed=config.seed,
-             generator_init=config.generator_init, dtype=dtype)
+             generator_init=config.generator_init, dtype=dtype,
+             sample_rng=config.sample.rng)
 
 
 def initial_state(run: Run) -> state_lib.DistillState:
