@@ -19,6 +19,7 @@ import numpy as np
 
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
+from sida_jax.losses import method as method_lib
 from sida_jax.losses.method import Method, Networks
 from sida_jax.models import Network, build_network, denoiser_for, is_edm2, load_network
 from sida_jax.models import convert
@@ -92,6 +93,7 @@ def make_dataset(config) -> Optional[data_lib.Dataset]:
 
 def build_run(config: ml_collections.ConfigDict) -> Run:
   """Validates the config against the teacher and data, and builds the step specification."""
+  method_lib.check_recipe_method(config)
   dtype = compute_dtype(config)
   teacher = load_teacher(config)
   kwargs = _training_kwargs(config, teacher)
@@ -125,12 +127,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   if edm2 and config.force_normalize:
     from sida_jax.models import edm2 as edm2_lib  # pylint: disable=import-outside-toplevel
     transform = edm2_lib.force_normalize
+  critic_lr, critic_beta2 = method_lib.lazy_adam_settings(method, o.critic_lr, o.beta2)
   spec = step_lib.StepSpec(
       method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
       init_sigma=method.init_sigma or config.init_sigma,
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
                                             trainable_mask=method.generator_trainable_mask),
-      critic_tx=state_lib.make_optimizer(o.critic_lr, o.critic_beta1, o.beta2, o.eps,
+      critic_tx=state_lib.make_optimizer(critic_lr, o.critic_beta1, critic_beta2, o.eps,
                                          clip_value=method.critic_grad_clip,
                                          trainable_mask=method.critic_trainable_mask),
       ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
