@@ -1,6 +1,9 @@
 """GDD / GDD-I: the losses and the lazy R1 against the official reduction in numpy (for the teacher-feature
 discriminator and for any other), the official Adam adjustment and freezing rule, frozen parameters that stay
 bit-identical through the real training step, and a step that does not depend on the device count."""
+import pathlib
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ from sida_jax.models.denoiser import Denoiser
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (1, 1, 2)
 N = 8
 
@@ -257,3 +261,38 @@ def test_gdd_step_does_not_depend_on_the_device_count():
   assert diff(runs[0].generator.params, runs[1].generator.params) < 1e-6
   assert diff(runs[0].critic.params, heads["params"]) > 1e-4
   assert diff(runs[0].generator.params, teacher["params"]) > 1e-4
+
+
+def test_build_run_gives_the_discriminator_the_adjusted_adam():
+  """The run assembly applies lazy_adam_settings: over 30 updates (one large gradient, then small ones, which
+  exposes β2) the critic's Adam equals PyTorch's with lr·16/17 and β2^(16/17); the generator keeps the
+  configured values."""
+  sys.path.insert(0, str(REPO))
+  from configs import smoke   # pylint: disable=import-outside-toplevel
+  from sida_jax.train import loop   # pylint: disable=import-outside-toplevel
+  config = smoke.get_config("toy")
+  config.method = "gdd"
+  config.network.kwargs.img_channels = 1
+  config.data.source, config.data.resolution = "digits", 16
+  config.optim.critic_lr, config.optim.generator_lr, config.optim.beta2 = 4e-5, 2e-5, 0.99
+  run = loop.build_run(config)
+  grads = [np.array([100.0, -3.0, 1.0])] + [np.array([0.01, 0.02, -0.05])] * 29
+
+  def last_update(tx):
+    params = jnp.zeros(3)
+    opt = tx.init(params)
+    for g in grads:
+      update, opt = tx.update(jnp.asarray(g, jnp.float32), opt, params)
+    return np.asarray(update, np.float64)
+
+  def torch_adam_last_update(lr, beta2, eps=1e-8):   # β1 = 0
+    v = 0.0
+    for t, g in enumerate(grads, 1):
+      v = beta2 * v + (1 - beta2) * g ** 2
+      update = -lr * g / (np.sqrt(v / (1 - beta2 ** t)) + eps)
+    return update
+
+  lazy = torch_adam_last_update(4e-5 * 16 / 17, 0.99 ** (16 / 17))
+  np.testing.assert_allclose(last_update(run.spec.critic_tx), lazy, rtol=1e-4)
+  np.testing.assert_allclose(last_update(run.spec.generator_tx), torch_adam_last_update(2e-5, 0.99), rtol=1e-4)
+  assert np.all(np.abs(lazy / torch_adam_last_update(4e-5 * 16 / 17, 0.99) - 1) > 3e-3)   # β2 is visible
