@@ -82,7 +82,9 @@ class Discriminator:
 
   Attributes:
     logits: (params, teacher_variables, x, labels) -> list with one array [N, ...] per feature network, all
-      logits of that network's heads for each sample.
+      logits of that network's heads for each sample, concatenated (as the official `MultiScaleD` does: the
+      mean then runs over all of them, so a head counts by its number of logits). One entry per head instead
+      would change the weighting.
     init: (rng, teacher_variables, image_shape) -> the heads' initial variables.
   """
   logits: Callable[[Any, dict, Array, Optional[Array]], List[Array]]
