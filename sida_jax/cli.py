@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 
 from sida_jax import checkpoint, evaluation, sampling
+from sida_jax.losses import method as method_lib
 from sida_jax.models import convert, denoiser_for, load_network
 from sida_jax.train import loop
 
@@ -43,6 +44,7 @@ def _periodic_evaluator(config):
 
 
 def train(config, workdir):
+  method_lib.check_recipe_method(config)   # before any file is read
   evaluate_fn = _periodic_evaluator(config) if config.eval_every_kimg > 0 else None
   loop.train_and_evaluate(config, workdir, evaluate_fn=evaluate_fn)
 
