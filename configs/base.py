@@ -1,7 +1,10 @@
-"""Defaults shared by every configuration. Each recipe file starts from `get_config()` and overrides.
+"""Defaults shared by every configuration. Each recipe file starts from `get_config()` (SiD's values) or
+`method_config(method)` (the method's own defaults) and overrides.
 
 Every key that any mode reads is declared here, and main.py locks the config, so a misspelt
-`--config.x.y=v` fails at start-up instead of being silently ignored.
+`--config.x.y=v` fails at start-up instead of being silently ignored. A published recipe records its name
+and variants (`recipe`, `recipe_variants`): a run refuses `--config.method=X` on a recipe written for
+another method and names the recipe variant of X instead.
 """
 import ml_collections
 
@@ -10,6 +13,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = "sid"             # a file in sida_jax/losses: sid | sida | sim | lsg | gdd
   c.seed = 0
+  c.recipe = ""                # published recipe 'FILE:VARIANT' ('' = free-form: every value as given)
+  c.recipe_variants = ""       # that file's variants with their methods: 'sid=sid sida=sida …'
 
   # Networks. `teacher` is an EDM/EDM2 snapshot .pkl or a folder written by `--mode convert`; when empty
   # the teacher is a freshly initialised `network` (smoke tests, benchmarks).
@@ -44,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.adversarial_scale = 0.01    # `lsg_gan` λ_adv
   c.loss.logit_clamp = 10.0
   c.loss.critic_grad_clip = 1.0      # element-wise; 0 = off (EDM2 loop)
-  c.loss.adv_pool_size = 0           # BCE pooling group; 0 = per-device batch (official)
+  c.loss.adv_pool_size = 0           # BCE pooling group; 0 = per-device batch (recipes: official batch-gpu)
   c.loss.critic_only_kimg = 100.0
   c.loss.sid_only_kimg = 200.0
   # SIM (set generator_scale = 1 for SIM and SiD-LSG, as their references do)
@@ -61,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.feature_sigmas = (0.05, 0.5, 2.0)
   c.loss.head_width = 64
   c.loss.r1_gamma = 1e-4
+  c.loss.r1_interval = 16            # lazy R1: a separate D step every 16 iterations, gain ×16
+  c.loss.gan_sum_size = 0            # samples each official GAN sum runs over; 0 = per-device batch
   c.loss.freeze = False              # GDD-I: freeze the generator's convolutions as the paper names
 
   c.optim = ml_collections.ConfigDict()
@@ -130,4 +137,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.convert = ml_collections.ConfigDict()
   c.convert.source = ""
   c.convert.safetensors = ""   # also (or instead, from a workdir) write a PyTorch-named safetensors file
+  return c
+
+
+# Values that differ between methods and do not depend on the dataset (ALGORITHMS.md §3.4, §4.3–4.4, §5.4,
+# §6.8 / §8.5, §12.17). Everything else in get_config() is either SiD's and unread by the other methods, or
+# set per dataset by the recipes.
+METHOD_DEFAULTS = {
+    "sid": {},
+    "sida": {"loss.alpha": 1.0},
+    "sim": {"loss.generator_scale": 1.0, "loss.generator_p_mean": -3.5, "loss.generator_p_std": 2.5},
+    "lsg": {"loss.alpha": 1.0, "loss.generator_scale": 1.0, "loss.null_label_rate": 0.1},
+    "gdd": {"init_sigma": 80.0, "optim.beta2": 0.99, "dropout": 0.0, "augment_p": 0.0},
+}
+
+
+def method_config(method: str) -> ml_collections.ConfigDict:
+  """get_config() with `method` and that method's own defaults."""
+  if method not in METHOD_DEFAULTS:
+    raise ValueError(f"method {method!r} is not one of {', '.join(METHOD_DEFAULTS)}")
+  c = get_config()
+  c.method = method
+  for key, value in METHOD_DEFAULTS[method].items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
   return c

@@ -7,8 +7,7 @@ from configs import base
 
 def distill_config(method: str):
   """Settings shared by the MNIST distillation runs (small batch and higher LR than CIFAR: 2 CPU cores)."""
-  c = base.get_config()
-  c.method = method
+  c = base.method_config(method)
   c.teacher = "runs/mnist/teacher/network"
   c.batch_size = 16
   c.total_kimg = 10.0

@@ -1,61 +1,157 @@
-"""The official launch settings of SiD / SiDA / SiD²A for EDM teachers (shared/spec REFERENCE_CODE.md
-§1.5, §1.7), as one table, so the per-dataset config files only name a row.
+"""Published recipes for EDM teachers, one table per method, so the per-dataset config files only name a row.
 
-Variants: 'sid' (mingyuanzhou/SiD `run_sid.sh`), 'sida' (`run_sida.sh`, α = 1), 'sid2a' (`run_sid_sida.sh`:
-SiDA initialised from a distilled SiD generator given as --config.generator_init=FILE.pkl).
+Variants (shared/spec ALGORITHMS.md; REFERENCE_CODE.md):
+  sid    SiD, mingyuanzhou/SiD `run_sid.sh` (REFERENCE_CODE.md §1.5);
+  sida   SiDA, `run_sida.sh` (α = 1; §1.7);
+  sid2a  SiD²A, `run_sid_sida.sh`: SiDA initialised from a distilled SiD generator given as
+         --config.generator_init=FILE.pkl (§1.7);
+  sim    SIM with the pseudo-Huber distance, CIFAR-10 ([001] Table 5, App. B.2; ALGORITHMS.md §4.3–4.4, §8.4);
+  lsg    SiD-LSG's long-and-short guidance on class-conditional EDM teachers (ALGORITHMS.md §5, §8.3);
+  gdd    GDD and
+  gddi   GDD-I (frozen block convolutions), [004] Table 6 (ALGORITHMS.md §6, §8.5, §12.18).
 Where the official runs use fp16 (`--fp16 1`, with Adam ε = 1e-6) we run the U-Nets in bfloat16 with fp32
 parameters, σ math, losses and EMA. Teachers are the EDM pickles by file name; point `teacher` and
 `data.path` at your copies.
 """
 from configs import base
 
-# dataset: teacher, data zip, label?, α(SiD), batch, lr, fp16, dropout, augment, ema, g_beta1, kimg SiD/SiDA/SiD²A
+# dataset: teacher, data zip, label?, α(SiD), batch, lr, fp16, dropout, augment, ema, g_beta1,
+# SiDA BCE pool (the official per-GPU `batch-gpu`, REFERENCE_CODE.md §1.7), kimg SiD/SiDA/SiD²A
 EDM_RECIPES = {
     "cifar10_uncond": dict(teacher="edm-cifar10-32x32-uncond-vp.pkl", data="cifar10-32x32.zip", cond=False,
                            sid_alpha=1.2, batch=256, lr=1e-5, fp16=False, dropout=0.13, augment=0.12, ema=0.5,
-                           g_beta1=0.0, kimg=dict(sid=500_000, sida=300_000, sid2a=100_000)),
+                           g_beta1=0.0, pool=32, kimg=dict(sid=500_000, sida=300_000, sid2a=100_000)),
     "cifar10_cond": dict(teacher="edm-cifar10-32x32-cond-vp.pkl", data="cifar10-32x32.zip", cond=True,
                          sid_alpha=1.2, batch=256, lr=1e-5, fp16=False, dropout=0.13, augment=0.12, ema=0.5,
-                         g_beta1=0.0, kimg=dict(sid=800_000, sida=300_000, sid2a=100_000)),
+                         g_beta1=0.0, pool=32, kimg=dict(sid=800_000, sida=300_000, sid2a=100_000)),
     "imagenet64": dict(teacher="edm-imagenet-64x64-cond-adm.pkl", data="imagenet-64x64.zip", cond=True,
                        sid_alpha=1.2, batch=8192, lr=4e-6, fp16=True, dropout=0.10, augment=0.0, ema=2.0,
-                       g_beta1=0.0, kimg=dict(sid=1_000_000, sida=300_000, sid2a=100_000)),
+                       g_beta1=0.0, pool=32, kimg=dict(sid=1_000_000, sida=300_000, sid2a=100_000)),
     "ffhq64": dict(teacher="edm-ffhq-64x64-uncond-vp.pkl", data="ffhq-64x64.zip", cond=False,
                    sid_alpha=1.2, batch=512, lr=1e-5, fp16=True, dropout=0.05, augment=0.15, ema=0.5,
-                   g_beta1=0.9, kimg=dict(sid=500_000, sida=200_000, sid2a=100_000)),
+                   g_beta1=0.9, pool=64, kimg=dict(sid=500_000, sida=200_000, sid2a=100_000)),
     # The official SiDA/SiD²A AFHQ lines point --data at the FFHQ zip (a script bug, not copied here).
     "afhq64": dict(teacher="edm-afhqv2-64x64-uncond-vp.pkl", data="afhqv2-64x64.zip", cond=False,
                    sid_alpha=1.0, batch=512, lr=5e-6, fp16=True, dropout=0.05, augment=0.15, ema=0.5,
-                   g_beta1=0.0, kimg=dict(sid=500_000, sida=200_000, sid2a=100_000)),
+                   g_beta1=0.0, pool=64, kimg=dict(sid=500_000, sida=200_000, sid2a=100_000)),
 }
 
-VARIANTS = ("sid", "sida", "sid2a")
+# GDD / GDD-I, [004] Table 6 (ALGORITHMS.md §8.5): the VE (NCSN++) EDM teachers except ADM on ImageNet-64
+# (`train.sh --transfer`), G and D learning rates, batch, γ_R1, EMA half-life, Mimg of GDD / GDD-I. Common to
+# all: Adam (0, 0.99), ε 1e-8, bf16, dropout 0, no augmentation, EMA ramp-up 0.05, 8 GPUs — so each official
+# GAN sum runs over batch/8 samples (`gan_sum_size`; `train.sh`'s 4 GPUs would double it).
+GDD_RECIPES = {
+    "cifar10_uncond": dict(teacher="edm-cifar10-32x32-uncond-ve.pkl", g_lr=1e-4, d_lr=1e-4, batch=256,
+                           r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5)),
+    "cifar10_cond": dict(teacher="edm-cifar10-32x32-cond-ve.pkl", g_lr=1e-4, d_lr=1e-4, batch=256,
+                         r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5)),
+    "afhq64": dict(teacher="edm-afhqv2-64x64-uncond-ve.pkl", g_lr=2e-5, d_lr=4e-5, batch=256,
+                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10)),
+    "ffhq64": dict(teacher="edm-ffhq-64x64-uncond-ve.pkl", g_lr=2e-5, d_lr=4e-5, batch=256,
+                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10)),
+    "imagenet64": dict(teacher="edm-imagenet-64x64-cond-adm.pkl", g_lr=8e-6, d_lr=4e-5, batch=512,
+                       r1_gamma=4e-4, ema=50.0, mimg=dict(gdd=5, gddi=5)),
+}
+GDD_GPUS = 8
+
+# SiD-LSG's guidance scale for FID: [002] reports κ ∈ {1.5, 2, 3, 4.5} with κ1 = κ2 = κ3 = κ4, and FID
+# improves monotonically as κ decreases to 1.5 for both SD teachers (Table 1, ALGORITHMS.md §9.7; κ = 2 gives
+# better CLIP/precision instead). The EDM benchmarks rank by FID, hence 1.5 (also [002] Alg. 1's example).
+LSG_KAPPA = 1.5
+
+# The variant of each method for each dataset (SIM's published EDM runs are CIFAR-10 only; SiD-LSG needs
+# class labels). Variant -> method.
+METHOD_OF = {"sid": "sid", "sida": "sida", "sid2a": "sida", "sim": "sim", "lsg": "lsg", "gdd": "gdd",
+             "gddi": "gdd"}
+DATASET_VARIANTS = {
+    "cifar10_uncond": ("sid", "sida", "sid2a", "sim", "gdd", "gddi"),
+    "cifar10_cond": ("sid", "sida", "sid2a", "sim", "lsg", "gdd", "gddi"),
+    "imagenet64": ("sid", "sida", "sid2a", "lsg", "gdd", "gddi"),
+    "ffhq64": ("sid", "sida", "sid2a", "gdd", "gddi"),
+    "afhq64": ("sid", "sida", "sid2a", "gdd", "gddi"),
+}
 
 
-def edm_config(dataset: str, variant: str):
-  if variant not in VARIANTS:
-    raise ValueError(f"config variant {variant!r} is not one of {', '.join(VARIANTS)} (use FILE.py:VARIANT)")
+def _edm_data(c, path: str, cond: bool) -> None:
+  c.data.source = "edm_zip"
+  c.data.path = path
+  c.data.use_labels = cond
+
+
+def _bookkeeping(c, every_kimg: float) -> None:
+  c.log_every_kimg = min(100.0, every_kimg / 50)
+  c.checkpoint_every_kimg = c.grid_every_kimg = c.eval_every_kimg = every_kimg
+
+
+def _sid_family(c, dataset: str, variant: str) -> None:
+  """SiD / SiDA / SiD²A (REFERENCE_CODE.md §1.5, §1.7); SIM and SiD-LSG start from SiD's row too."""
   r = EDM_RECIPES[dataset]
-  c = base.get_config()
-  c.method = "sid" if variant == "sid" else "sida"
   c.teacher = r["teacher"]
   c.batch_size = r["batch"]
-  c.total_kimg = float(r["kimg"][variant])
-  c.loss.alpha = r["sid_alpha"] if variant == "sid" else 1.0
+  c.total_kimg = float(r["kimg"]["sid" if variant in ("sim", "lsg") else variant])
   c.optim.critic_lr = c.optim.generator_lr = r["lr"]
-  c.optim.generator_beta1 = r["g_beta1"] if variant == "sid" else 0.0
   c.optim.eps = 1e-6 if r["fp16"] else 1e-8
   c.dtype = "bfloat16" if r["fp16"] else "float32"
   c.dropout = r["dropout"]
   c.augment_p = r["augment"]
   c.ema.halflife_mimg = r["ema"]
+  if variant == "sid":
+    c.loss.alpha = r["sid_alpha"]
+    c.optim.generator_beta1 = r["g_beta1"]
+  if variant in ("sida", "sid2a"):
+    c.loss.adv_pool_size = r["pool"]
   # SiD needs only labels (conditional) — taken from the dataset loader as the official code does.
-  if variant != "sid" or r["cond"]:
-    c.data.source = "edm_zip"
-    c.data.path = r["data"]
-    c.data.use_labels = r["cond"]
-  c.log_every_kimg = 100.0
-  c.checkpoint_every_kimg = 5000.0
-  c.grid_every_kimg = 5000.0
-  c.eval_every_kimg = 5000.0
+  if variant in ("sida", "sid2a") or r["cond"]:
+    _edm_data(c, r["data"], r["cond"])
+  _bookkeeping(c, 5000.0)
+
+
+def _sim(c, dataset: str) -> None:
+  """[001] Table 5: lr 1e-5 (both), batch 256, σ_init 2.5, Adam (0, 0.999), p_EDM for the fake score,
+  p_SIM = logN(−3.5, 2.5²) with weight 1 for the generator (METHOD_DEFAULTS). What [001] leaves out
+  (teacher, dropout, augmentation, EMA, precision, length) it takes from SiD's CIFAR-10 setting ("we follow
+  the same setting as SiD", §4.1): the SiD row. Pseudo-Huber c: the ICT rule (spec A-12; `huber_c` 0)."""
+  _sid_family(c, dataset, "sim")
+
+
+def _lsg(c, dataset: str) -> None:
+  """SiD-LSG on a class-conditional EDM teacher: SiD's row of the dataset with [002]'s α = 1, λ_sid = 1
+  (METHOD_DEFAULTS), κ1 = κ2 = κ3 = κ4 = LSG_KAPPA and 10% null labels in the critic phase."""
+  _sid_family(c, dataset, "lsg")
+  c.loss.kappa1 = c.loss.kappa2 = c.loss.kappa3 = c.loss.kappa4 = LSG_KAPPA
+
+
+def _gdd(c, dataset: str, variant: str) -> None:
+  r = GDD_RECIPES[dataset]
+  c.teacher = r["teacher"]
+  c.batch_size = r["batch"]
+  c.total_kimg = float(r["mimg"][variant] * 1000)
+  c.optim.generator_lr = r["g_lr"]
+  c.optim.critic_lr = r["d_lr"]       # the loop applies the lazy-R1 adjustment (lr·16/17, β2^(16/17))
+  c.optim.eps = 1e-8
+  c.dtype = "bfloat16"
+  c.ema.halflife_mimg = r["ema"]
+  c.loss.r1_gamma = r["r1_gamma"]
+  c.loss.gan_sum_size = r["batch"] // GDD_GPUS
+  c.loss.freeze = variant == "gddi"
+  _edm_data(c, EDM_RECIPES[dataset]["data"], EDM_RECIPES[dataset]["cond"])
+  _bookkeeping(c, 500.0)
+
+
+def edm_config(dataset: str, variant: str):
+  """The published recipe `variant` of `dataset` (a key of DATASET_VARIANTS)."""
+  variants = DATASET_VARIANTS[dataset]
+  if variant not in variants:
+    raise ValueError(f"config variant {variant!r} is not one of {', '.join(variants)} (use FILE.py:VARIANT)")
+  c = base.method_config(METHOD_OF[variant])
+  c.recipe = f"{dataset}:{variant}"
+  c.recipe_variants = " ".join(f"{v}={METHOD_OF[v]}" for v in variants)
+  if variant == "sim":
+    _sim(c, dataset)
+  elif variant == "lsg":
+    _lsg(c, dataset)
+  elif METHOD_OF[variant] == "gdd":
+    _gdd(c, dataset, variant)
+  else:
+    _sid_family(c, dataset, variant)
   return c

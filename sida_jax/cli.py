@@ -11,6 +11,7 @@ import PIL.Image
 
 from sida_jax import checkpoint, evaluation, sampling
 from sida_jax.formats import safetensors
+from sida_jax.losses import method as method_lib
 from sida_jax.models import convert
 from sida_jax.models.registry import denoiser_for
 from sida_jax.train import loop
@@ -46,6 +47,7 @@ def _periodic_evaluator(config):
 
 
 def train(config, workdir):
+  method_lib.check_recipe_method(config)   # before any file is read
   evaluate_fn = _periodic_evaluator(config) if config.eval_every_kimg > 0 else None
   loop.train_and_evaluate(config, workdir, evaluate_fn=evaluate_fn)
 

@@ -10,7 +10,9 @@ draws, generator forward passes, augmentation, gradients, optimisers, EMA, devic
       the generator's loss as a function of its differentiable output x_g.
 
 Both see the per-device batch and divide their sums by its size; the step averages gradients over devices.
-The step never branches on a method's name.
+A method may also ask for the generator phase to run first (`generator_first`) and for a lazy critic
+regulariser (`critic_regularizer`: its own optimiser step every few iterations). The step never branches on a
+method's name.
 """
 from __future__ import annotations
 
@@ -70,6 +72,23 @@ DrawFn = Callable[[Array, int, tuple], dict]
 
 
 @dataclasses.dataclass(frozen=True)
+class LazyRegularizer:
+  """A critic regulariser taken as a separate optimiser step every `interval` iterations (StyleGAN2's lazy
+  regularisation, as GDD's R1): at iterations k·interval, k ≥ 1, after the critic phase, the critic steps once
+  more on `interval` × loss; the critic's Adam then runs with lr·c and β2^c, c = interval/(interval + 1)
+  (`lazy_adam_settings`), so that its step size and second-moment horizon per iteration stay as configured.
+
+  Attributes:
+    loss: (critic_params, inputs: CriticInputs) -> (loss, metrics), the per-iteration regulariser (the step
+      multiplies it by `interval`). Its inputs carry the batch's real images without augmentation, the
+      batch's labels and no generator samples (x_g is None).
+    interval: iterations between regulariser steps.
+  """
+  loss: Callable[[Any, CriticInputs], tuple]
+  interval: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A distillation method plugged into the shared step.
 
@@ -92,6 +111,10 @@ class Method:
       a critic that is not a copy of the teacher (GDD's discriminator heads); None: the teacher's copy.
     init_sigma: the generator input noise level the method prescribes (GDD: σ_max = 80), to be used as the
       step's `init_sigma`; None leaves it to the run's configuration.
+    generator_first: run the generator phase (against the critic of the previous iteration) before the critic
+      phase (whose samples then come from the just-updated generator), as GDD's official loop; False is the
+      SiD family's order.
+    critic_regularizer: an optional `LazyRegularizer` (GDD's R1).
   """
   critic_loss: Callable[[Any, CriticInputs], tuple]
   generator_loss: Callable[[Array, GeneratorInputs], tuple]
@@ -105,3 +128,36 @@ class Method:
   critic_labels: Optional[Callable[[Optional[Array], dict], Optional[Array]]] = None
   init_critic_variables: Optional[Callable[[Array, dict, tuple], dict]] = None
   init_sigma: Optional[float] = None
+  generator_first: bool = False
+  critic_regularizer: Optional[LazyRegularizer] = None
+
+
+def lazy_adam_settings(method: Method, learning_rate: float, beta2: float) -> tuple:
+  """The critic's Adam (lr, β2) for a method with a lazy regulariser: lr·c and β2^c, c = k/(k + 1) for
+  interval k (the official GDD / StyleGAN2 adjustment; β1 is 0 in every such recipe). Unchanged otherwise."""
+  regularizer = method.critic_regularizer
+  if regularizer is None:
+    return learning_rate, beta2
+  ratio = regularizer.interval / (regularizer.interval + 1)
+  return learning_rate * ratio, beta2 ** ratio
+
+
+def check_recipe_method(config) -> None:
+  """Refuses a `config.method` other than the one its published recipe was written for, in one line that
+  names the recipe variant of the requested method (the other method's loss, optimiser and schedule values
+  would otherwise be used silently).
+
+  Published configs record `recipe` ('FILE:VARIANT') and `recipe_variants` ('VARIANT=METHOD …', every
+  variant of that file); configs without a recipe (smoke tests, demos) take every value as given.
+  """
+  recipe = config.get("recipe", "")
+  if not recipe:
+    return
+  methods = dict(pair.rsplit("=", 1) for pair in config.recipe_variants.split())
+  name, _, variant = recipe.partition(":")
+  if config.method == methods[variant]:
+    return
+  options = [f"configs/{name}.py:{v}" for v, m in methods.items() if m == config.method]
+  hint = (f"use {' or '.join(options)}" if options else
+          f"{name} has no {config.method!r} recipe (variants: {', '.join(methods)})")
+  raise ValueError(f"config.method={config.method!r} on recipe {recipe}: {hint}")

@@ -20,6 +20,7 @@ import ml_collections
 
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
+from sida_jax.losses import method as method_lib
 from sida_jax.losses.method import Method, Networks
 from sida_jax.models import convert
 from sida_jax.models.edm2 import networks as edm2
@@ -106,6 +107,7 @@ def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks) ->
 
 def build_run(config: ml_collections.ConfigDict) -> Run:
   """Reads the config, validates it against the teacher and data, and builds the step specification."""
+  method_lib.check_recipe_method(config)
   dtype = compute_dtype(config.dtype)
   teacher = load_teacher(config.teacher, config.teacher_key, config.network.class_name,
                          config.network.kwargs.to_dict(), config.seed, dtype)
@@ -134,12 +136,13 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   transform = step_lib.identity
   if is_edm2_class(teacher.class_name) and config.force_normalize:
     transform = edm2.force_normalize
+  critic_lr, critic_beta2 = method_lib.lazy_adam_settings(method, o.critic_lr, o.beta2)
   spec = step_lib.StepSpec(
       method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
       init_sigma=method.init_sigma or config.init_sigma,
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
                                             trainable_mask=method.generator_trainable_mask),
-      critic_tx=state_lib.make_optimizer(o.critic_lr, o.critic_beta1, o.beta2, o.eps,
+      critic_tx=state_lib.make_optimizer(critic_lr, o.critic_beta1, critic_beta2, o.eps,
                                          clip_value=method.critic_grad_clip,
                                          trainable_mask=method.critic_trainable_mask),
       ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,

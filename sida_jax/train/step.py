@@ -7,6 +7,10 @@ One iteration, in the official order (REFERENCE_CODE.md §1.3, §1.6):
      with gradients through x_g and through x_t into the frozen teacher and the just-updated critic;
      the update is applied only where the method's gate allows (SiDA stage 1);
   3. EMA of the generator parameters, with the pre-step image count.
+A method with `generator_first` (GDD, REFERENCE_CODE.md §4.1) swaps 1 and 2: its generator trains against the
+previous iteration's critic and the critic then sees samples of the updated generator. A method with a lazy
+`critic_regularizer` (GDD's R1) gets one more critic optimiser step after both phases every `interval`
+iterations (not at iteration 0), on `interval` × the regulariser's loss.
 Networks in train mode first get `train_transform` (EDM2's forced weight normalisation), and the
 transformed weights are what gets updated, exactly like the official in-place overwrite.
 
@@ -138,6 +142,36 @@ def generator_phase(spec: StepSpec, state: state_lib.DistillState, critic: state
   return new, loss, metrics, grads
 
 
+def regularizer_phase(spec: StepSpec, state: state_lib.DistillState, critic: state_lib.TrainedNetwork,
+                      teacher_variables: dict, batch: dict, rng: Array, axis_name: Optional[str] = None):
+  """The method's lazy critic regulariser: on iterations k·interval (k ≥ 1) one more critic optimiser step on
+  interval × its loss; otherwise nothing (and no computation). Returns (critic, metrics, non-finite count)."""
+  regularizer = spec.method.critic_regularizer
+  due = (state.step > 0) & (state.step % regularizer.interval == 0)
+  inputs = CriticInputs(x_g=None, augment_labels=None, labels=batch.get("labels"), real_images=batch.get("images"),
+                        real_augment_labels=None, draws={}, critic_buffers=critic.buffers,
+                        teacher_variables=teacher_variables, dropout_rng=rng, nimg=state.nimg(spec.batch_size))
+
+  def gained(params):
+    loss, metrics = regularizer.loss(params, inputs)
+    return loss * regularizer.interval, metrics
+
+  def regularize(critic):
+    params = spec.critic_train_transform(critic.params)
+    (_, metrics), grads = jax.value_and_grad(gained, has_aux=True)(params)
+    grads = _mean_over_devices(grads, axis_name)
+    updates, opt_state = spec.critic_tx.update(grads, critic.opt_state, params)
+    new = critic.replace(params=optax.apply_updates(params, updates), opt_state=opt_state)
+    return new, metrics, _count_nonfinite(grads)
+
+  def skip(critic):
+    shapes = jax.eval_shape(lambda p: gained(p)[1], critic.params)
+    return critic, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), jnp.zeros((), jnp.int32)
+
+  critic, metrics, bad = jax.lax.cond(due, regularize, skip, critic)
+  return critic, {**metrics, "critic_regularized": due.astype(jnp.float32)}, bad
+
+
 def step_body(spec: StepSpec, state: state_lib.DistillState, teacher_variables: dict, batch: dict,
               draws: dict, axis_name: Optional[str] = None):
   """One iteration on one device's share of the batch (the whole batch on a single device)."""
@@ -145,15 +179,27 @@ def step_body(spec: StepSpec, state: state_lib.DistillState, teacher_variables: 
   if axis_name:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   k_critic, k_gen = jax.random.split(rng)
-  critic, c_loss, c_metrics, c_grads = critic_phase(
-      spec, state, teacher_variables, batch["critic"], draws["critic"], k_critic, axis_name)
-  generator, g_loss, g_metrics, g_grads = generator_phase(
-      spec, state, critic, teacher_variables, batch["generator"], draws["generator"], k_gen, axis_name)
+  if spec.method.generator_first:
+    generator, g_loss, g_metrics, g_grads = generator_phase(
+        spec, state, state.critic, teacher_variables, batch["generator"], draws["generator"], k_gen, axis_name)
+    critic, c_loss, c_metrics, c_grads = critic_phase(
+        spec, state.replace(generator=generator), teacher_variables, batch["critic"], draws["critic"], k_critic,
+        axis_name)
+  else:
+    critic, c_loss, c_metrics, c_grads = critic_phase(
+        spec, state, teacher_variables, batch["critic"], draws["critic"], k_critic, axis_name)
+    generator, g_loss, g_metrics, g_grads = generator_phase(
+        spec, state, critic, teacher_variables, batch["generator"], draws["generator"], k_gen, axis_name)
   nimg = state.nimg(spec.batch_size)
   beta = state_lib.ema_beta(nimg, spec.batch_size, spec.ema_halflife_mimg, spec.ema_rampup_ratio)
   ema = state_lib.ema_update(state.generator_ema, generator.params, beta)
   bad_c, bad_g = _count_nonfinite(c_grads), _count_nonfinite(g_grads)
   metrics = {**c_metrics, **g_metrics}
+  if spec.method.critic_regularizer is not None:
+    critic, r_metrics, bad_r = regularizer_phase(spec, state, critic, teacher_variables, batch["critic"],
+                                                 jax.random.fold_in(rng, 2), axis_name)
+    metrics.update(r_metrics)
+    bad_c = bad_c + bad_r
   metrics = _mean_over_devices(metrics, axis_name)
   metrics.update(critic_grad_norm=_global_norm(c_grads), generator_grad_norm=_global_norm(g_grads),
                  nonfinite_critic=bad_c, nonfinite_generator=bad_g, ema_beta=beta,
