@@ -215,8 +215,8 @@ def test_generator_first_and_lazy_regularizer_run_in_the_official_gdd_order():
     counts.append(_adam_count(state.critic.opt_state))
     if t not in (1, 2):
       continue
-    draws = step_lib.sample_draws(spec, step_lib._iteration_key(before, 0))
-    k_critic, k_gen = jax.random.split(step_lib._iteration_key(before, 1))
+    draws = step_lib.sample_draws(spec, step_lib.iteration_key(before, 0))
+    k_critic, k_gen = jax.random.split(step_lib.iteration_key(before, 1))
     generator = step_lib.generator_phase(spec, before, before.critic, variables, batch["generator"],
                                          draws["generator"], k_gen)[0]
     critic = step_lib.critic_phase(spec, before.replace(generator=generator), variables, batch["critic"],
