@@ -3,6 +3,9 @@
     from sida_jax.models import load_snapshot
     net = load_snapshot("edm-cifar10-32x32-uncond-vp.pkl", key="ema")
     denoised = net(x_nhwc, sigma, class_labels=None, augment_labels=None)
+
+    from sida_jax.models import load_pretrained      # diffusers / transformers folders
+    unet = load_pretrained("stable-diffusion-v1-5/unet")
 """
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ import jax.numpy as jnp
 from sida_jax.models.convert import Network, build_network, load_snapshot
 from sida_jax.models.denoiser import Denoiser, DenoiserOutput
 
-__all__ = ["Network", "build_network", "load_snapshot", "load_network", "Denoiser", "DenoiserOutput",
-           "denoiser_for", "is_edm2"]
+__all__ = ["Network", "build_network", "load_snapshot", "load_network", "load_pretrained", "Denoiser",
+           "DenoiserOutput", "denoiser_for", "is_edm2"]
 
 
 def is_edm2(class_name: str) -> bool:
@@ -41,6 +44,12 @@ def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> Network:
     return Network(build_network(info["class_name"], info["init_kwargs"], dtype), variables,
                    info["class_name"], info["init_kwargs"])
   raise FileNotFoundError(f"network source not found (expected a .pkl, a converted folder or a workdir): {source}")
+
+
+def load_pretrained(folder: str, dtype=jnp.float32, variant=None):
+  """A diffusers / transformers folder: see `sida_jax.formats.pretrained.load_pretrained`."""
+  from sida_jax.formats import pretrained  # pylint: disable=import-outside-toplevel
+  return pretrained.load_pretrained(folder, dtype=dtype, variant=variant)
 
 
 def denoiser_for(network_module, class_name: str, init_kwargs: dict, use_logvar: bool = False) -> Denoiser:
