@@ -99,6 +99,12 @@ def test_real_configs_names_and_shapes(name, config, count):
   assert 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight' in ours
   heads = (8,) * 4 if name == 'sd15_unet' else (5, 10, 20, 20)
   assert unet.num_attention_heads == heads  # diffusers' `attention_head_dim` is the head count
+  # 512 x 512 images: 64 x 64 latents, 77 text tokens.
+  variables = {'params': sd_unet.params_template(unet)}
+  out = jax.eval_shape(unet.apply, variables, jax.ShapeDtypeStruct((2, 64, 64, 4), jnp.float32),
+                       jax.ShapeDtypeStruct((2,), jnp.float32),
+                       jax.ShapeDtypeStruct((2, 77, unet.cross_attention_dim[0]), jnp.float32))
+  assert out.shape == (2, 64, 64, 4) and out.dtype == jnp.float32
 
 
 def test_resolves_sd_configs():

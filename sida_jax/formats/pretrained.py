@@ -130,21 +130,25 @@ def _read_safetensors(path: str) -> Mapping[str, Any]:
 
 
 def _read_sharded(folder: str, index_name: str, reader: Callable[[str], Mapping[str, Any]]) -> dict:
-  """The union of the shards named by an `*.index.json` weight_map; a key in two shards is an error."""
-  index = _read_json(os.path.join(folder, index_name))
-  weight_map = index.get('weight_map')
+  """The union of the shards named by an `*.index.json` weight_map; every shard must hold exactly the keys
+  the index assigns to it."""
+  index_path = os.path.join(folder, index_name)
+  weight_map = _read_json(index_path).get('weight_map')
   if not isinstance(weight_map, Mapping):
-    raise ValueError(f'{os.path.join(folder, index_name)}: no weight_map')
+    raise ValueError(f'{index_path}: no weight_map')
+  by_shard = {}
+  for name, shard in weight_map.items():
+    by_shard.setdefault(shard, set()).add(name)
   state = {}
-  for shard in sorted(set(weight_map.values())):
-    for name, value in reader(os.path.join(folder, shard)).items():
+  for shard in sorted(by_shard):
+    shard_state = reader(os.path.join(folder, shard))
+    for name in sorted(shard_state):
       if name in state:
         raise ValueError(f'{os.path.join(folder, shard)}: key {name!r} is also in another shard')
-      state[name] = value
-  listed = set(weight_map)
-  if listed != set(state):
-    name = sorted(listed ^ set(state))[0]
-    raise ValueError(f'{os.path.join(folder, index_name)}: key {name!r} is not where the index says')
+    misplaced = sorted(set(shard_state) ^ by_shard[shard])
+    if misplaced:
+      raise ValueError(f'{index_path}: key {misplaced[0]!r} is not where the index says')
+    state.update(shard_state)
   return state
 
 
