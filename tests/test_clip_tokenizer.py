@@ -34,6 +34,14 @@ def test_matches_transformers_ids(folder):
 
 
 @pytest.mark.parametrize('folder', list(FOLDERS))
+def test_matches_transformers4_fast_tokenizer(folder):
+  record = stored('tokenizer_ids_slow_ftfy.json')
+  assert record['transformers'].startswith('4.')
+  ids = CLIPTokenizer.from_folder(str(FOLDERS[folder]))(record['prompts']).input_ids
+  np.testing.assert_array_equal(ids, np.asarray(record[f'fast4_{folder}']))
+
+
+@pytest.mark.parametrize('folder', list(FOLDERS))
 def test_matches_pure_python_tokenizer_with_ftfy(folder):
   """transformers 4.x `CLIPTokenizer` (use_fast=False) with ftfy, as SiD-LSG trained: equal ids except where
   ftfy.fix_text rewrites the text (equal there too once the same fix_text runs first, next test)."""

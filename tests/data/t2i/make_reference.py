@@ -6,13 +6,14 @@ Run once with the parity environment (torch, diffusers, transformers, tokenizers
     python tests/data/t2i/make_reference.py
 
 and, for the ids of transformers' older pure-Python CLIPTokenizer with ftfy (what SiD-LSG's training used,
-`use_fast=False`), with transformers 4.40.1, tokenizers 0.19.1 and ftfy 6.2.0 on the path:
+`use_fast=False`) and of its CLIPTokenizerFast, with transformers 4.40.1, tokenizers 0.19.1 and ftfy 6.2.0 on
+the path:
 
     python tests/data/t2i/make_reference.py --slow-tokenizer
 
 The CLIP vocabulary itself cannot be shipped here, so the tokenizer folders hold a vocabulary in CLIP's
 layout (256 byte symbols, the same with `</w>`, merges, start/end tokens) whose merges the `tokenizers`
-BPE trainer learns from the caption-like corpus below.
+BPE trainer learnt from the caption-like corpus below; it is kept unless `--new-vocabulary` is given.
 """
 import argparse
 import json
@@ -113,10 +114,12 @@ def text_config(vocab_size, **kwargs):
   return transformers.CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, **kwargs)
 
 
-def perturbed(module, seed, scale=0.1):
-  """All weights + scale * N(0, 1), so zero-initialised layers and unit norms are exercised."""
+def seeded(seed, build, scale=0.1):
+  """`build()` under a fixed torch seed, then all weights + scale * N(0, 1), so zero-initialised layers and
+  unit norms are exercised."""
   import torch  # pylint: disable=import-outside-toplevel
   torch.manual_seed(seed)
+  module = build()
   with torch.no_grad():
     for p in module.parameters():
       p.add_(scale * torch.randn_like(p))
@@ -158,7 +161,11 @@ def write_tokenizer(folder, vocab, merges, pad_token):
 
 
 def make_tokenizers(out):
-  """A CLIP-layout vocabulary trained on CORPUS; folders `tiny-sd/tokenizer` (SD1) and `tokenizer-sd2`."""
+  """A CLIP-layout vocabulary trained on CORPUS; folders `tiny-sd/tokenizer` (SD1) and `tokenizer-sd2`.
+
+  The trainer breaks ties between equally frequent pairs in no fixed order, so a new vocabulary differs
+  from the last one: the stored ids of every tokenizer (including --slow-tokenizer) must then be rewritten.
+  """
   from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
   from tokenizers.models import BPE  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(HERE.parents[2]))
@@ -191,7 +198,7 @@ def tokenizer_ids(out, slow):
   folders = {'sd1': out / 'tiny-sd' / 'tokenizer', 'sd2': out / 'tokenizer-sd2'}
   if slow:
     import ftfy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    classes = {'slow_ftfy': transformers.CLIPTokenizer}
+    classes = {'slow_ftfy': transformers.CLIPTokenizer, 'fast4': transformers.CLIPTokenizerFast}
     assert int(transformers.__version__.split('.')[0]) < 5, 'the pure-Python CLIPTokenizer left transformers 5'
   else:
     classes = {'fast': transformers.AutoTokenizer}
@@ -227,13 +234,13 @@ def make_models(out, vocab_size):
   ref = {}
   pipe = out / 'tiny-sd'
 
-  unet = perturbed(diffusers.UNet2DConditionModel(**UNET_SD1), 1)
+  unet = seeded(1, lambda: diffusers.UNet2DConditionModel(**UNET_SD1))
   unet.save_pretrained(pipe / 'unet', safe_serialization=True)
-  text = perturbed(transformers.CLIPTextModel(text_config(
+  text = seeded(2, lambda: transformers.CLIPTextModel(text_config(
       vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      hidden_act='quick_gelu', bos_token_id=0, eos_token_id=2, pad_token_id=1)), 2, scale=0.05)
+      hidden_act='quick_gelu', bos_token_id=0, eos_token_id=2, pad_token_id=1)), scale=0.05)
   save_text_encoder(text, pipe / 'text_encoder', prefixed=True)
-  vae = perturbed(diffusers.AutoencoderKL(**VAE), 3)
+  vae = seeded(3, lambda: diffusers.AutoencoderKL(**VAE))
   vae.save_pretrained(pipe / 'vae', safe_serialization=True)
   (pipe / 'scheduler').mkdir(parents=True, exist_ok=True)
   with open(pipe / 'scheduler' / 'scheduler_config.json', 'w', encoding='utf-8') as f:
@@ -270,7 +277,7 @@ def make_models(out, vocab_size):
 
     # SD2-like parts: a sharded U-Net at a size its upsamplers must match to the skips (10 x 6), and a
     # gelu text encoder with the new eos convention, saved as transformers 5 does (no prefix).
-    unet2 = perturbed(diffusers.UNet2DConditionModel(**UNET_SD2), 4)
+    unet2 = seeded(4, lambda: diffusers.UNet2DConditionModel(**UNET_SD2))
     unet2.save_pretrained(out / 'unet-sd2', safe_serialization=True, max_shard_size='200KB')
     sample = rng.normal(size=(2, 4, 10, 6)).astype(np.float32)
     t = np.array([999.0, 0.0], np.float32)
@@ -278,10 +285,10 @@ def make_models(out, vocab_size):
     eps = unet2(torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)).sample.numpy()
     ref.update(sd2_unet_sample=sample, sd2_unet_t=t, sd2_unet_context=context, sd2_unet_eps=eps)
 
-    text2 = perturbed(transformers.CLIPTextModel(text_config(
+    text2 = seeded(5, lambda: transformers.CLIPTextModel(text_config(
         vocab_size, hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
-        hidden_act='gelu', bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0)), 5,
-                      scale=0.05)
+        hidden_act='gelu', bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=0)),
+                   scale=0.05)
     save_text_encoder(text2, out / 'text_encoder-sd2', prefixed=False)
     tokenizer2 = transformers.AutoTokenizer.from_pretrained(str(out / 'tokenizer-sd2'))
     batch = tokenizer2(['a photo of a cat', 'Two dogs playing in the park, 4k!'], padding='max_length',
@@ -291,9 +298,9 @@ def make_models(out, vocab_size):
                sd2_text_hidden=outputs.last_hidden_state.numpy(), sd2_text_pooled=outputs.pooler_output.numpy())
 
     # A PyTorch-pickle (`pytorch_model.bin`) text encoder, read through the allow-listed torch reader.
-    text3 = perturbed(transformers.CLIPTextModel(text_config(
+    text3 = seeded(6, lambda: transformers.CLIPTextModel(text_config(
         64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, bos_token_id=62,
-        eos_token_id=63, pad_token_id=0)), 6)
+        eos_token_id=63, pad_token_id=0)))
     text3.save_pretrained(out / 'text_encoder-bin', safe_serialization=False)
     if not (out / 'text_encoder-bin' / 'pytorch_model.bin').is_file():  # transformers 5 may refuse .bin
       shutil.rmtree(out / 'text_encoder-bin')
@@ -349,14 +356,23 @@ def make_shape_tables(out):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--slow-tokenizer', action='store_true',
-                      help='only write tokenizer_ids_slow_ftfy.json (needs transformers < 5 and ftfy)')
+                      help='only write tokenizer_ids_slow_ftfy.json: ids of the pure-Python and the fast '
+                           'tokenizer of transformers < 5 (needs ftfy)')
+  parser.add_argument('--new-vocabulary', action='store_true',
+                      help='train a new test vocabulary instead of keeping the stored one')
   args = parser.parse_args()
   if args.slow_tokenizer:
     tokenizer_ids(HERE, slow=True)
     return
-  for name in ('tiny-sd', 'unet-sd2', 'text_encoder-sd2', 'text_encoder-bin', 'tokenizer-sd2'):
+  for name in ('tiny-sd/unet', 'tiny-sd/text_encoder', 'tiny-sd/vae', 'tiny-sd/scheduler', 'unet-sd2',
+               'text_encoder-sd2', 'text_encoder-bin'):
     shutil.rmtree(HERE / name, ignore_errors=True)
-  vocab_size = make_tokenizers(HERE)
+  vocab_path = HERE / 'tiny-sd' / 'tokenizer' / 'vocab.json'
+  if args.new_vocabulary or not vocab_path.is_file():
+    vocab_size = make_tokenizers(HERE)
+    print('new vocabulary: rerun with --slow-tokenizer under transformers 4.x as well')
+  else:
+    vocab_size = len(json.loads(vocab_path.read_text(encoding='utf-8')))
   tokenizer_ids(HERE, slow=False)
   make_models(HERE, vocab_size)
   make_shape_tables(HERE)
