@@ -24,7 +24,8 @@ SD15 = dict(_class_name='UNet2DConditionModel', _diffusers_version='0.6.0', act_
 SD21_BASE = dict(SD15, _diffusers_version='0.10.0.dev0', attention_head_dim=[5, 10, 20, 20],
                  cross_attention_dim=1024, dual_cross_attention=False, num_class_embeds=None,
                  only_cross_attention=False, use_linear_projection=True)
-TINY = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
+TINY = dict(block_out_channels=[16, 32], layers_per_block=1,
+            down_block_types=['CrossAttnDownBlock2D', 'DownBlock2D'],
             up_block_types=['UpBlock2D', 'CrossAttnUpBlock2D'], cross_attention_dim=16, attention_head_dim=2,
             norm_num_groups=4)
 

@@ -63,9 +63,10 @@ def read_merges(path: str) -> list:
 class CLIPTokenizer:
   """Prompts -> (input_ids, attention_mask) numpy arrays padded/truncated to `model_max_length`."""
 
-  def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple], bos_token: str = DEFAULT_TOKENS['bos_token'],
-               eos_token: str = DEFAULT_TOKENS['eos_token'], unk_token: str = DEFAULT_TOKENS['unk_token'],
-               pad_token: str = DEFAULT_TOKENS['pad_token'], model_max_length: int = 77,
+  def __init__(self, vocab: Mapping[str, int], merges: Sequence[tuple],
+               bos_token: str = DEFAULT_TOKENS['bos_token'], eos_token: str = DEFAULT_TOKENS['eos_token'],
+               unk_token: str = DEFAULT_TOKENS['unk_token'], pad_token: str = DEFAULT_TOKENS['pad_token'],
+               model_max_length: int = 77,
                fix_text: Optional[Callable[[str], str]] = None):
     # Local import: only building a tokenizer needs the package.
     from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors

@@ -110,14 +110,14 @@ SCHEDULER = {'_class_name': 'PNDMScheduler', 'beta_end': 0.012, 'beta_schedule':
 
 
 def text_config(vocab_size, **kwargs):
-  import transformers  # pylint: disable=import-outside-toplevel
+  import transformers
   return transformers.CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, **kwargs)
 
 
 def seeded(seed, build, scale=0.1):
   """`build()` under a fixed torch seed, then all weights + scale * N(0, 1), so zero-initialised layers and
   unit norms are exercised."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
   torch.manual_seed(seed)
   module = build()
   with torch.no_grad():
@@ -166,10 +166,10 @@ def make_tokenizers(out):
   The trainer breaks ties between equally frequent pairs in no fixed order, so a new vocabulary differs
   from the last one: the stored ids of every tokenizer (including --slow-tokenizer) must then be rewritten.
   """
-  from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-  from tokenizers.models import BPE  # pylint: disable=import-outside-toplevel
+  from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers
+  from tokenizers.models import BPE
   sys.path.insert(0, str(HERE.parents[2]))
-  from sida_jax.text.clip_tokenizer import END_OF_WORD, WORD_PATTERN  # pylint: disable=import-outside-toplevel
+  from sida_jax.text.clip_tokenizer import END_OF_WORD, WORD_PATTERN
   trainer_tokenizer = Tokenizer(BPE(continuing_subword_prefix='', end_of_word_suffix=END_OF_WORD))
   trainer_tokenizer.normalizer = normalizers.Sequence(
       [normalizers.NFC(), normalizers.Replace(Regex(r'\s+'), ' '), normalizers.Lowercase()])
@@ -194,10 +194,10 @@ def make_tokenizers(out):
 
 def tokenizer_ids(out, slow):
   """Ids (padded to 77) from transformers' tokenizers loaded from both folders."""
-  import transformers  # pylint: disable=import-outside-toplevel
+  import transformers
   folders = {'sd1': out / 'tiny-sd' / 'tokenizer', 'sd2': out / 'tokenizer-sd2'}
   if slow:
-    import ftfy  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import ftfy  # noqa: F401  (the pure-Python tokenizer uses it when present)
     classes = {'slow_ftfy': transformers.CLIPTokenizer, 'fast4': transformers.CLIPTokenizerFast}
     assert int(transformers.__version__.split('.')[0]) < 5, 'the pure-Python CLIPTokenizer left transformers 5'
   else:
@@ -217,7 +217,7 @@ def tokenizer_ids(out, slow):
 def save_text_encoder(model, folder, prefixed):
   """transformers >= 5 saves names without `text_model.`; `prefixed` rewrites the file as published
   checkpoints store it (prefix and the `position_ids` buffer of older transformers)."""
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
   model.save_pretrained(folder, safe_serialization=True)
   if prefixed:
     path = os.path.join(folder, 'model.safetensors')
@@ -227,9 +227,9 @@ def save_text_encoder(model, folder, prefixed):
 
 
 def make_models(out, vocab_size):
-  import diffusers  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import diffusers
+  import torch
+  import transformers
   rng = np.random.default_rng(0)
   ref = {}
   pipe = out / 'tiny-sd'
@@ -333,9 +333,9 @@ SD21_BASE_TEXT = dict(SD15_TEXT, hidden_act='gelu', hidden_size=1024, intermedia
 
 def make_shape_tables(out):
   """name -> shape of the diffusers / transformers modules built from the real configs (meta device)."""
-  import diffusers  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  import diffusers
+  import torch
+  import transformers
   tables = {}
   with torch.device('meta'):
     for name, config in (('sd15_unet', SD15_UNET), ('sd21_base_unet', SD21_BASE_UNET)):
