@@ -69,8 +69,11 @@ class CLIPTokenizer:
                model_max_length: int = 77,
                fix_text: Optional[Callable[[str], str]] = None):
     # Local import: only building a tokenizer needs the package.
-    from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
+    try:
+      from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers, processors
+      from tokenizers.models import BPE
+    except ImportError as error:
+      raise ImportError('CLIPTokenizer needs the tokenizers package (pip install tokenizers)') from error
     for role, token in (('bos_token', bos_token), ('eos_token', eos_token), ('unk_token', unk_token),
                         ('pad_token', pad_token)):
       if token not in vocab:
