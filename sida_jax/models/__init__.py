@@ -12,6 +12,9 @@ Files are read by `sida_jax.formats`; its loaders are re-exported here and resol
     from sida_jax.models import load_snapshot
     net = load_snapshot("edm-cifar10-32x32-uncond-vp.pkl", key="ema")
     denoised = net(x_nhwc, sigma, class_labels=None, augment_labels=None)
+
+    from sida_jax.models import load_pretrained      # diffusers / transformers folders
+    unet = load_pretrained("stable-diffusion-v1-5/unet")
 """
 import importlib
 
@@ -19,7 +22,7 @@ from sida_jax.models.denoiser import Denoiser, DenoiserOutput
 from sida_jax.models.registry import Network, build_network, denoiser_for
 
 # Re-exported loader → the formats module that defines it.
-_LOADERS = {"load_snapshot": "sida_jax.formats.snapshot"}
+_LOADERS = {"load_snapshot": "sida_jax.formats.snapshot", "load_pretrained": "sida_jax.formats.pretrained"}
 
 __all__ = ["Denoiser", "DenoiserOutput", "Network", "build_network", "denoiser_for", *_LOADERS]
 
