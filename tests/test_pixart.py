@@ -111,12 +111,13 @@ def test_legacy_class_name_builds_the_same_network():
 
 
 def test_xl_2_parameter_counts():
-  for config, size_conditions in ((XL_2_512, False), (XL_2_1024_MS, True)):
-    template = pixart.params_template(pixart.from_config(config))
-    expected = _expected_count(16, 72, 4, 8, 28, 4096, 2, size_conditions)
-    assert _count(template) == expected
-  assert _count(pixart.params_template(pixart.from_config(XL_2_512))) == 610_856_096
-  names = traverse_util.flatten_dict(pixart.params_template(pixart.from_config(XL_2_512)), sep='.')
+  templates = {}
+  for name, config, size_conditions in (('512', XL_2_512, False), ('1024', XL_2_1024_MS, True)):
+    templates[name] = pixart.params_template(pixart.from_config(config))
+    assert _count(templates[name]) == _expected_count(16, 72, 4, 8, 28, 4096, 2, size_conditions)
+  # As counted by diffusers (meta device, see test_xl_2_names_shapes_and_count_match_diffusers).
+  assert (_count(templates['512']), _count(templates['1024'])) == (610_856_096, 611_349_152)
+  names = traverse_util.flatten_dict(templates['512'], sep='.')
   assert names['transformer_blocks.27.attn2.to_k.weight'].shape == (1152, 1152)
   assert names['transformer_blocks.0.scale_shift_table'].shape == (6, 1152)
   assert names['pos_embed.proj.weight'].shape == (1152, 4, 2, 2)
@@ -180,20 +181,21 @@ def test_sincos_position_embedding_layout():
 
 
 def test_bad_inputs():
-  config, state, ref = _reference_folder()
+  config, state, _ = _reference_folder()
   net = pixart.from_config(config)
   variables = pixart.variables_from_state_dict(net, state)
   x = jnp.zeros((1, 8, 8, 4))
   context = jnp.zeros((1, 3, 16))
   added = {'resolution': jnp.ones((1, 2)), 'aspect_ratio': jnp.ones((1, 1))}
+  apply = jax.jit(net.apply)   # the checks run while tracing
   with pytest.raises(ValueError, match='sample has 3 channels'):
-    net.apply(variables, jnp.zeros((1, 8, 8, 3)), 1.0, context, None, added)
+    apply(variables, jnp.zeros((1, 8, 8, 3)), 1.0, context, None, added)
   with pytest.raises(ValueError, match='not a multiple of the patch size 2'):
-    net.apply(variables, jnp.zeros((1, 7, 8, 4)), 1.0, context, None, added)
+    apply(variables, jnp.zeros((1, 7, 8, 4)), 1.0, context, None, added)
   with pytest.raises(ValueError, match='needs added_cond_kwargs'):
-    net.apply(variables, x, 1.0, context)
+    apply(variables, x, 1.0, context)
   with pytest.raises(ValueError, match='encoder_attention_mask has shape'):
-    net.apply(variables, x, 1.0, context, jnp.ones((1, 4)), added)
+    apply(variables, x, 1.0, context, jnp.ones((1, 4)), added)
 
 
 # ----------------------------------------------------------------------------------------------------
