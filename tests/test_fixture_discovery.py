@@ -37,7 +37,7 @@ def _run_fixture_tests(folder, require):
   if require:
     env["SIDA_REQUIRE_FIXTURES"] = "1"
   # One parametrised test (placeholder case) and one that looks its folder up in its body.
-  tests = ["tests/test_snapshot.py::test_official_snapshot", "tests/test_convert.py::test_safetensors_round_trip"]
+  tests = ["tests/test_snapshot.py::test_official_snapshot", "tests/test_safetensors.py::test_safetensors_round_trip"]
   result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", *tests],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   return result.returncode, result.stdout + result.stderr
