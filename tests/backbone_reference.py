@@ -35,6 +35,7 @@ TINY_DEIT_TAPS = (0, 1, 2, 3)
 # The official code picks ViT reassemble widths by name; its smallest supported DeiT is the real deit-tiny.
 DEIT_TINY_NAME = 'deit_tiny_distilled_patch16_224'
 DEIT_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+RECIPE_SEED = 7
 
 
 def recipe_state_dict(shapes: dict, seed: int) -> dict:
@@ -155,6 +156,53 @@ def load_recipe_into_torch(model, seed):
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
+def perturb_batch_norm(model, seed=0):
+  """Random running statistics and affine parameters in every batch norm, so evaluation mode is exercised."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=gen))
+        m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+        m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=gen))
+        m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+  return model.eval()
+
+
+def saved_state_dict(model, folder, file_format):
+  """The model's state_dict written by torch ('pth': torch.save, or safetensors) and read back without torch."""
+  if file_format == 'pth':
+    import torch
+    from sida_jax.models.snapshot import read_torch_file
+    path = pathlib.Path(folder) / 'weights.pth'
+    torch.save(model.state_dict(), path)
+    return read_torch_file(path)
+  from safetensors import numpy as safetensors_numpy
+  from safetensors import torch as safetensors_torch
+  path = pathlib.Path(folder) / 'weights.safetensors'
+  safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+  return safetensors_numpy.load_file(str(path))
+
+
+def hooked_outputs(model, x, modules):
+  """(outputs of `modules` during model(x), model's output) for an NCHW numpy input."""
+  import torch
+  outputs = []
+  hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().numpy())) for m in modules]
+  with torch.no_grad():
+    result = model(torch.from_numpy(x))
+  for h in hooks:
+    h.remove()
+  return outputs, result.numpy()
+
+
+def assert_close(ours, ref, rel=1e-4):
+  """|ours − ref| ≤ rel · max|ref| elementwise."""
+  ref = np.asarray(ref)
+  np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=rel * np.abs(ref).max())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The official discriminator.
 
@@ -271,6 +319,30 @@ def official_to_ours(features_sd, heads_sd):
   return features, heads
 
 
+def templates(disc):
+  """Shapes of a ProjectedDiscriminator's (features, heads) variables, without computing anything."""
+  import jax
+  images = disc._example_images()
+  features = jax.eval_shape(lambda: disc.features.init(jax.random.key(0), images))
+  maps = jax.eval_shape(disc.features.apply, features, images)
+  heads = jax.eval_shape(lambda: disc.heads.init(jax.random.key(0), maps, disc._example_labels(), False))
+  return features, heads
+
+
+def discriminator_variables(disc, features_state_dict, heads_state_dict):
+  """Strictly loaded ProjectedDiscriminator variables from flat state_dicts in our names."""
+  from sida_jax.models.backbones import torch_layers
+  features, heads = templates(disc)
+  return {'features': torch_layers.load_state_dict(features, features_state_dict, 'features'),
+          'heads': torch_layers.load_state_dict(heads, heads_state_dict, 'heads')}
+
+
+def recipe_discriminator_variables(disc, seed=RECIPE_SEED):
+  features, heads = templates(disc)
+  return discriminator_variables(disc, recipe_state_dict(template_shapes(features), seed),
+                                 recipe_state_dict(template_shapes(heads), seed))
+
+
 def load_recipe_into_official(features, heads, seed):
   """Fills both official modules from the recipe keyed by our names (unused official tensors untouched)."""
   import torch
@@ -286,7 +358,7 @@ def load_recipe_into_official(features, heads, seed):
 def run_official(features, heads, x_fake, x_real, labels):
   """The official modules on one state (inputs NHWC numpy; the modules' dtype is used):
 
-  'eval': heads in evaluation mode on x_real (state unchanged); then the training-mode sequence of a GDD
+  'maps': the frozen feature maps of x_real; 'eval': heads in evaluation mode on x_real (state unchanged); then the training-mode sequence of a GDD
   D step: 'fake' on x_fake (with 'u_after_fake', the spectral-norm u vectors it leaves), 'real' on x_real,
   and the R1 stage on x_real ('r1_penalty', 'r1_logits'), after which 'buffers' holds every head buffer.
   Logits are regrouped from the official per-sample list into one [N, L_b] array per backbone.
@@ -299,7 +371,9 @@ def run_official(features, heads, x_fake, x_real, labels):
   out = {}
   heads.eval()
   with torch.no_grad():
-    out['eval'] = _per_backbone(heads(features(as_input(x_real)), c), b, x_real.shape[0])
+    maps = features(as_input(x_real))
+    out['maps'] = [[nhwc(m[k].numpy()) for k in sorted(m)] for m in maps]
+    out['eval'] = _per_backbone(heads(maps, c), b, x_real.shape[0])
   heads.train()
   with torch.no_grad():
     out['fake'] = _per_backbone(heads(features(as_input(x_fake)), c), b, x_fake.shape[0])
@@ -333,7 +407,6 @@ DISCRIMINATOR_CASES = {
     'gdd_d_vgg_effnet_uncond': (('vgg16_bn', 'tf_efficientnet_lite0'), 32, 0),
     'gdd_d_deit_effnet_cond': ((DEIT_TINY_NAME, 'tf_efficientnet_lite0'), 32, 10),
 }
-RECIPE_SEED = 7
 
 
 def reduced_constructors():
@@ -385,16 +458,10 @@ def backbone_references():
 
 
 def _taps(model, x, modules, tokens=False):
-  import torch
-  outputs = []
-  hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append(out.detach().numpy())) for m in modules]
-  with torch.no_grad():
-    result = model(torch.from_numpy(x))
-  for h in hooks:
-    h.remove()
+  outputs, result = hooked_outputs(model, x, modules)
   taps = {f'tap{i}': (o if tokens else nhwc(o)) for i, o in enumerate(outputs)}
   if result.ndim == 2:
-    taps['logits'] = result.numpy()
+    taps['logits'] = result
   return taps
 
 

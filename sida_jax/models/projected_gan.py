@@ -462,11 +462,15 @@ class ProjectedDiscriminator:
     table) when given, else from N(0, 1) (the official `rand_embedding`)."""
     feature_rng, head_rng = jax.random.split(rng)
     images = self._example_images()
-    features = dict(jax.jit(self.features.init)(feature_rng, images))
+    # Compiled without backend optimisation: optimising hundreds of random-number generators costs far
+    # more compile time than the one-off run saves.
+    no_opt = {'xla_backend_optimization_level': 0}
+    features = dict(jax.jit(self.features.init, compiler_options=no_opt)(feature_rng, images))
     # The heads' initialisation only needs the maps' shapes.
     shapes = jax.eval_shape(self.features.apply, features, images)
     maps = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    heads = dict(jax.jit(self.heads.init, static_argnums=3)(head_rng, maps, self._example_labels(), False))
+    heads = dict(jax.jit(self.heads.init, static_argnums=3, compiler_options=no_opt)(
+        head_rng, maps, self._example_labels(), False))
     if class_embedding is not None:
       heads = set_class_embedding(heads, class_embedding)
     return {'features': features, 'heads': heads}

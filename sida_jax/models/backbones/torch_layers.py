@@ -322,9 +322,9 @@ def load_state_dict(template: Variables, state_dict: Mapping[str, Any], what: st
 
 
 def state_dict_from_variables(variables: Variables) -> dict[str, np.ndarray]:
-  """The PyTorch state_dict (float32 numpy) of `variables`."""
+  """The PyTorch state_dict (numpy arrays, dtypes kept) of `variables`."""
   flat = {collection: traverse_util.flatten_dict(tree) for collection, tree in variables.items()}
-  return {name: np.asarray(flat[collection][path], np.float32)
+  return {name: np.asarray(flat[collection][path])
           for name, (collection, path) in state_dict_names(variables).items()}
 
 
@@ -336,11 +336,19 @@ def load_backbone(module: nn.Module, state_dict: Mapping[str, Any], example_inpu
   like all others against the full network and dropped.
   """
   template = variables_template(module, example_input)
-  if not module.include_head:
-    trunk = state_dict_names(template)
-    if any(k not in trunk and not _is_batch_counter(k, trunk) for k in state_dict):
-      full = load_state_dict(variables_template(module.clone(include_head=True), example_input), state_dict, what)
-      return {collection: traverse_util.unflatten_dict(
-          {path: leaf for path, leaf in traverse_util.flatten_dict(full[collection]).items()
-           if ('.'.join(path)) in trunk}) for collection in full}
-  return load_state_dict(template, state_dict, what)
+  if module.include_head:
+    return load_state_dict(template, state_dict, what)
+  trunk = state_dict_names(template)
+  extra = [k for k in state_dict if k not in trunk and not _is_batch_counter(k, trunk)]
+  if not extra:
+    return load_state_dict(template, state_dict, what)
+  full_template = variables_template(module.clone(include_head=True), example_input)
+  full = state_dict_names(full_template)
+  unknown = sorted(k for k in extra if k not in full)
+  if unknown:
+    raise ValueError(f'{what}: unexpected key(s) {", ".join(map(repr, unknown[:8]))}'
+                     f'{f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""}')
+  loaded = load_state_dict(full_template, state_dict, what)
+  return {collection: traverse_util.unflatten_dict(
+      {path: leaf for path, leaf in traverse_util.flatten_dict(tree).items() if '.'.join(path) in trunk})
+          for collection, tree in loaded.items()}
