@@ -13,6 +13,7 @@ Regenerate the stored references (needs torch, torchvision, timm and the officia
 """
 import contextlib
 import functools
+import importlib.util
 import os
 import pathlib
 import re
@@ -219,13 +220,9 @@ def official_code(src, constructors):
   import torch
   import torchvision
   stubs = {}
-  try:
-    import ftfy  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec('ftfy') is None:
     stubs['ftfy'] = types.ModuleType('ftfy')
-  try:
-    import dill  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec('dill') is None:
     dill_stub, dill_inner = types.ModuleType('dill'), types.ModuleType('dill._dill')
     dill_inner._load_type = {'set': set}.__getitem__
     dill_stub._dill = dill_inner
@@ -358,9 +355,10 @@ def load_recipe_into_official(features, heads, seed):
 def run_official(features, heads, x_fake, x_real, labels):
   """The official modules on one state (inputs NHWC numpy; the modules' dtype is used):
 
-  'maps': the frozen feature maps of x_real; 'eval': heads in evaluation mode on x_real (state unchanged); then the training-mode sequence of a GDD
-  D step: 'fake' on x_fake (with 'u_after_fake', the spectral-norm u vectors it leaves), 'real' on x_real,
-  and the R1 stage on x_real ('r1_penalty', 'r1_logits'), after which 'buffers' holds every head buffer.
+  'maps': the frozen feature maps of x_real; 'eval': heads in evaluation mode on x_real (state unchanged);
+  then the training-mode sequence of a GDD D step: 'fake' on x_fake (with 'u_after_fake', the spectral-norm
+  u vectors it leaves), 'real' on x_real, and the R1 stage on x_real ('r1_penalty', 'r1_logits'), after
+  which 'buffers' holds every head buffer.
   Logits are regrouped from the official per-sample list into one [N, L_b] array per backbone.
   """
   import torch
@@ -439,13 +437,13 @@ def official_discriminator_reference(src, case, dtype=None):
 
 def backbone_references():
   """Reduced torchvision/timm networks on recipe weights: inputs and outputs at the taps (and logits)."""
-  import torch
   refs = {}
   rng = np.random.RandomState(1)
   vgg_model = torch_tiny_vgg()
   load_recipe_into_torch(vgg_model, RECIPE_SEED)
   x = rng.standard_normal((2, 3, 40, 40)).astype(np.float32)
-  refs['vgg_tiny'] = dict(input=nhwc(x), **_taps(vgg_model.features, x, [vgg_model.features[i - 1] for i in (13, 23, 33, 43)]))
+  taps = [vgg_model.features[i - 1] for i in (13, 23, 33, 43)]
+  refs['vgg_tiny'] = dict(input=nhwc(x), **_taps(vgg_model.features, x, taps))
   eff = torch_tiny_efficientnet()
   load_recipe_into_torch(eff, RECIPE_SEED)
   x = rng.standard_normal((2, 3, 36, 36)).astype(np.float32)

@@ -1,6 +1,5 @@
 """GDD's Projected-GAN discriminator against the official modules (stored outputs; live with torch), its
 architecture facts, and the official losses on fixed logits."""
-import dataclasses
 import os
 import pathlib
 
@@ -54,6 +53,20 @@ def test_official_architecture(config, resolution, label_dim):
   assert [o.shape[1] for o in logits] == ([484, 64] if config == 'vgg_effnet' else [64, 64])
 
 
+NO_OPT = {'xla_backend_optimization_level': 0}  # tiny graphs: compile time dominates
+
+
+def _jitted_apply(disc, train):
+  """disc.apply compiled for CPU speed; logits come back as numpy arrays."""
+  fn = jax.jit(lambda v, x, c=None: disc.apply(v, x, c, train=train), compiler_options=NO_OPT)
+
+  def call(*args):
+    logits, buffers = fn(*args)
+    return [np.asarray(l) for l in logits], buffers
+
+  return call
+
+
 @pytest.mark.parametrize('case', sorted(ref.DISCRIMINATOR_CASES))
 def test_matches_official_reference(case):
   """Reduced backbones (official names, narrow widths) + the official mixing layers and heads, recipe weights."""
@@ -63,11 +76,11 @@ def test_matches_official_reference(case):
   disc = pg.ProjectedDiscriminator(backbones=tuple(specs[b] for b in backbones), resolution=resolution,
                                    label_dim=label_dim)
   variables = ref.recipe_discriminator_variables(disc)
-  labels = jnp.asarray(data['labels']) if label_dim else None
-  logits, _ = jax.jit(lambda v, x, c: disc.apply(v, x, c, train=False))(variables, data['x_real'], labels)
+  labels = data['labels'] if label_dim else None
+  logits, _ = _jitted_apply(disc, False)(variables, data['x_real'], labels)
   for b, out in enumerate(logits):
     ref.assert_close(out, data[f'logits_eval/{b}'])
-  logits, buffers = jax.jit(lambda v, x, c: disc.apply(v, x, c, train=True))(variables, data['x_fake'], labels)
+  logits, buffers = _jitted_apply(disc, True)(variables, data['x_fake'], labels)
   for b, out in enumerate(logits):
     ref.assert_close(out, data[f'logits_fake/{b}'])
   flat = torch_layers.state_dict_from_variables({'buffers': buffers})
@@ -118,25 +131,11 @@ def test_r1_penalty_closed_form():
   np.testing.assert_allclose(pg.r1_loss(penalty, 1e-4), expected.mean() * 1e-4 / 2, rtol=1e-5)
 
 
-NO_OPT = {'xla_backend_optimization_level': 0}  # tiny graphs: compile time dominates
-
-
 def _small(resolution, **kwargs):
   """Reduced backbones, 8-channel mixing and 16-channel heads."""
   specs = ref.reduced_specs()
   return pg.ProjectedDiscriminator(backbones=(specs['vgg16_bn'], specs['tf_efficientnet_lite0']),
                                    resolution=resolution, cout=8, ndf=16, **kwargs)
-
-
-def _jitted_apply(disc, train):
-  """disc.apply compiled for CPU speed; logits come back as numpy arrays."""
-  fn = jax.jit(lambda v, x, c=None: disc.apply(v, x, c, train=train), compiler_options=NO_OPT)
-
-  def call(*args):
-    logits, buffers = fn(*args)
-    return [np.asarray(l) for l in logits], buffers
-
-  return call
 
 
 def test_small_images_32_native_size():
@@ -161,7 +160,8 @@ def test_small_images_32_native_size():
   evaluated, same = evaluate(variables, x)
   permuted, _ = evaluate(variables, x[[2, 0, 3, 1]])
   for b in range(2):
-    np.testing.assert_allclose(permuted[b], evaluated[b][[2, 0, 3, 1]], rtol=1e-5, atol=1e-5 * np.abs(evaluated[b]).max())
+    np.testing.assert_allclose(permuted[b], evaluated[b][[2, 0, 3, 1]], rtol=1e-5,
+                               atol=1e-5 * np.abs(evaluated[b]).max())
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), same,
                                                          variables['heads']['buffers']))
   # A training call moves every spectral-norm vector v (one power iteration each; u too, unless 1-D: ±1).
@@ -198,13 +198,14 @@ def test_init_follows_official_initialisers():
   """PyTorch defaults (U(±1/√fan_in)) for the random mixing convs and head convs, unit spectral-norm vectors,
   batch norm 1/0 with statistics 0/1, N(0, 1) class embeddings and projection weights; a given class table
   lands in every conditional head."""
-  disc = _small(32, interp224=False, label_dim=10)
+  disc = pg.ProjectedDiscriminator(backbones=(ref.reduced_specs()['tf_efficientnet_lite0'],), resolution=32,
+                                   interp224=False, label_dim=10, cout=8, ndf=16)
   table = np.random.RandomState(0).standard_normal(pg.EMBEDDING_SHAPE).astype(np.float32)
   variables = disc.init(jax.random.key(0), class_embedding=table)
   features = torch_layers.state_dict_from_variables(variables['features'])
   heads = torch_layers.state_dict_from_variables(variables['heads'])
   scratch = {k: v for k, v in features.items() if '.scratch.' in k}
-  assert len(scratch) == 2 * 16  # CCM and CSM: 8 convs with bias per backbone
+  assert len(scratch) == 16  # CCM and CSM: 8 convs with bias
   for name, value in {**scratch, **{k: v for k, v in heads.items() if k.endswith(('weight_orig', 'main.0.bias'))}
                       }.items():
     fan_in = value[0].size if value.ndim > 1 else heads.get(name[:-4] + 'weight_orig', scratch.get(
@@ -224,7 +225,7 @@ def test_init_follows_official_initialisers():
       np.testing.assert_array_equal(value, table)
     elif name.endswith('embed_proj.weight'):
       assert abs(value.std() - 1) < 0.05 and value.shape == (64, 320)
-  assert sum(k.endswith('embed.weight') for k in heads) == 8  # one table per head, 4 heads × 2 backbones
+  assert sum(k.endswith('embed.weight') for k in heads) == 4  # one table per head
 
 
 def test_load_backbones_and_unprojected_maps():
@@ -242,7 +243,8 @@ def test_load_backbones_and_unprojected_maps():
   for ours, theirs in zip(maps, direct):
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
   assert disc.feature_channels() == ((8, 16, 24, 32),)  # the reduced network's tapped stages
-  with pytest.raises(ValueError, match="missing weights for \\['tf_efficientnet_lite0'\\], unknown backbones \\['x'\\]"):
+  with pytest.raises(ValueError,
+                     match="missing weights for \\['tf_efficientnet_lite0'\\], unknown backbones \\['x'\\]"):
     disc.load_backbones(variables, {'x': state_dict})
   with pytest.raises(ValueError, match='unknown feature network'):
     pg.backbone_spec('resnet50')

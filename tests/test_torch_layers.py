@@ -12,7 +12,8 @@ def _torch():
 
 
 def _resize_reference(x, size, align_corners):
-  """torch's bilinear rule, pixel by pixel: source = (dst + ½)·in/out − ½ clamped at 0 (or dst·(in−1)/(out−1))."""
+  """torch's bilinear rule, pixel by pixel: source = (dst + ½)·in/out − ½ clamped at 0, or with
+  align_corners dst·(in−1)/(out−1)."""
   n, h, w, c = x.shape
   out = np.zeros((n, size[0], size[1], c), np.float64)
 
@@ -136,9 +137,8 @@ def test_spectral_norm_power_iteration():
   y, updates = layer.apply(variables, x, update=True, mutable=['buffers'])
   np.testing.assert_allclose(updates['buffers']['weight_u'], u1, atol=1e-6)
   np.testing.assert_allclose(updates['buffers']['weight_v'], v1, atol=1e-6)
-  patch = x[0].reshape(-1)  # one output pixel: the 2×2 kernel covers the whole input
+  # One output pixel: the 2×2 kernel covers the whole input.
   np.testing.assert_allclose(y[0, 0, 0], mat @ x[0].transpose(2, 0, 1).reshape(-1) / (u1 @ mat @ v1), rtol=1e-5)
-  del patch
   y_eval = layer.apply(variables, x)  # evaluation: the stored vectors, no iteration
   np.testing.assert_allclose(y_eval[0, 0, 0], mat @ x[0].transpose(2, 0, 1).reshape(-1) / (u @ mat @ v), rtol=1e-5)
 

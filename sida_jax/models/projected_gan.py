@@ -42,7 +42,7 @@ from any torch run since the random streams differ.
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
