@@ -175,7 +175,7 @@ def saved_state_dict(model, folder, file_format):
   """The model's state_dict written by torch ('pth': torch.save, or safetensors) and read back without torch."""
   if file_format == 'pth':
     import torch
-    from sida_jax.models.snapshot import read_torch_file
+    from sida_jax.formats.torch_files import read_torch_file
     path = pathlib.Path(folder) / 'weights.pth'
     torch.save(model.state_dict(), path)
     return read_torch_file(path)
