@@ -144,7 +144,8 @@ def initial_state(run: Run) -> state_lib.DistillState:
   config = run.config
   generator = run.teacher.variables
   if config.generator_init:
-    generator = checkpoint.load_network(config.generator_init, dtype=compute_dtype(config)).variables
+    generator = checkpoint.load_network(config.generator_init, dtype=compute_dtype(config),
+                                        like=run.teacher).variables
   critic = run.teacher.variables
   init_critic = getattr(run.method, "init_critic_variables", None)
   if init_critic is not None:
