@@ -478,8 +478,10 @@ class Unpickler:
         raise self.refuse(f'APPEND to {describe(container)}')
       container.extend(items)
     elif kind == 'dict':
-      if type(container) not in _DICT_TYPES or len(items) % 2:
+      if type(container) not in _DICT_TYPES:
         raise self.refuse(f'SETITEM on {describe(container)}')
+      if len(items) % 2:
+        raise self.refuse('SETITEMS with a key and no value')
       for i in range(0, len(items), 2):
         container[check_key(self.context, items[i])] = items[i + 1]
     else:
@@ -559,9 +561,7 @@ def _op_proto(u: Unpickler) -> None:
 
 
 def _op_frame(u: Unpickler) -> None:
-  size = u.unpack('<Q')
-  if size > len(u.data) - u.pos:
-    raise u.refuse('truncated frame')
+  u.take(8)  # a frame's length is a buffering hint; every read is bounded by the data anyway
 
 
 def _op_tuple_n(n: int) -> Callable[[Unpickler], None]:
@@ -835,11 +835,12 @@ def load(data: Union[bytes, bytearray], table: Mapping[str, Any], context: Conte
 # Converting what was read.
 
 
-def plain(value: Any, max_items: int = 1_000_000) -> Any:
+def plain(value: Any, max_items: int = 1_000_000, max_depth: int = 100) -> Any:
   """numpy scalars → Python numbers, dict subclasses (EasyDict, OrderedDict) → dict, recursively.
 
-  Iterative, so deep nesting cannot exhaust the stack; a cycle, or more than `max_items` values
-  (a shared sub-structure counts each time it appears), is refused with UnsafePickleError.
+  Iterative, so nesting cannot exhaust the stack here; a cycle, nesting deeper than `max_depth`
+  (which later recursive code could not handle), or more than `max_items` values (a shared
+  sub-structure counts each time it appears) is refused with UnsafePickleError.
   """
   containers = (dict, list, tuple)
 
@@ -873,6 +874,8 @@ def plain(value: Any, max_items: int = 1_000_000) -> Any:
     if isinstance(child, containers):
       if id(child) in on_path:
         raise UnsafePickleError('a record contains itself: refusing to convert it')
+      if len(stack) >= max_depth:
+        raise UnsafePickleError(f'a record nested deeper than {max_depth}: refusing to convert it')
       on_path.add(id(child))
       stack.append((child, entries(child), [], attach_child))
     else:

@@ -36,6 +36,9 @@ _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b'PK\x03\x04'
 # torch writes its records uncompressed; a compressed record may not claim more than this ratio.
 _ZIP_MAX_RATIO = 100
+# zipfile keeps ~600 bytes per central-directory entry (46 bytes + the name); torch writes a few entries
+# per tensor, and a big training state has ~10k of ~80 bytes.
+_ZIP_MAX_DIRECTORY_BYTES = 8 << 20
 # A storage blob (torch.storage._load_from_bytes) holds one storage; blobs inside blobs are refused.
 _MAX_BLOB_DEPTH = 1
 # Module trees: how deep and how many tensors a state_dict walk may go.
@@ -623,13 +626,38 @@ def _read_record(context: Context, archive: zipfile.ZipFile, name: str, nbytes: 
   return buffer
 
 
+def _zip_directory_size(file: _BoundedFile) -> int:
+  """The central-directory size an archive's end record declares (zip64 included), read before
+  zipfile builds a record per entry in it; 0 when there is no end record (zipfile then refuses)."""
+  tail_size = min(file.size, 22 + (1 << 16))
+  file.seek(file.size - tail_size)
+  tail = file.read(tail_size)
+  at = tail.rfind(b'PK\x05\x06')
+  if at < 0 or at + 22 > len(tail):
+    return 0
+  size = int.from_bytes(tail[at + 12:at + 16], 'little')
+  locator = at - 20
+  if locator >= 0 and tail[locator:locator + 4] == b'PK\x06\x07':
+    file.seek(int.from_bytes(tail[locator + 8:locator + 16], 'little'))
+    record = file.read(56)
+    if record[:4] == b'PK\x06\x06' and len(record) == 56:
+      size = max(size, int.from_bytes(record[40:48], 'little'))
+  file.seek(0)
+  return size
+
+
 def _read_zip(file: BinaryIO, context: TorchContext) -> Any:
   """A zip-format `torch.save` file: `<archive>/data.pkl`, one raw `<archive>/data/<key>` per storage.
 
   Record names are only looked up, never used as paths; sizes come from the pickle's persistent ids
   and must equal the sizes the archive declares.
   """
-  with zipfile.ZipFile(_BoundedFile(file, pickle_lib.remaining_size(file))) as archive:
+  bounded = _BoundedFile(file, pickle_lib.remaining_size(file))
+  directory = _zip_directory_size(bounded)
+  if directory > _ZIP_MAX_DIRECTORY_BYTES:
+    raise context.refuse(f'the archive declares a central directory of {directory} bytes, more than '
+                         f'{_ZIP_MAX_DIRECTORY_BYTES}')
+  with zipfile.ZipFile(bounded) as archive:
     infos = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in infos if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
