@@ -266,13 +266,13 @@ def test_storage_blobs_cost_linear_time(tmp_path):
     nested = _blob(_bytes(nested) + pickle.MEMOIZE + pickle.POP + decode + (decode + pickle.POP) * 3, [], b'')
   messages = read_in_child(tmp_path, {'nested_blobs.pkl': op_pickle(op_call(load, _bytes(nested)), 2)})
   assert 'a storage blob inside a storage blob' in messages['nested_blobs.pkl']
-  # One blob used 20,000 times through the memo: decoded once, so read at once and into one array.
+  # One blob used 5,000 times through the memo: decoded once, so read at once and into one array.
   tensor = _rebuild_v2(op_call(load, pickle.BINGET + b'\x00'), 0, (2,), (1,))
   shared = op_pickle(_bytes(leaf) + pickle.MEMOIZE + pickle.POP + pickle.EMPTY_LIST + pickle.MARK
-                     + tensor * 20_000 + pickle.APPENDS, 2)
+                     + tensor * 5_000 + pickle.APPENDS, 2)
   read_in_child(tmp_path, {'shared_blob.pkl': shared}, outcome='ok')
   tensors = torch_files.read_pickle(tmp_path / 'shared_blob.pkl')
-  assert len(tensors) == 20_000 and all(np.shares_memory(tensors[0], t) for t in tensors)
+  assert len(tensors) == 5_000 and all(np.shares_memory(tensors[0], t) for t in tensors)
   np.testing.assert_array_equal(tensors[-1], [1.5, -2.0])
 
 
@@ -335,3 +335,41 @@ def test_fuzzed_files_are_read_or_refused(tmp_path):
   outcomes = collections.Counter(r['outcome'] for r in results)
   assert outcomes['ok'] > 10 and outcomes['refused'] > 200, outcomes  # the mutants reach both ends
   assert max(r['seconds'] for r in results) < 10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files written by torch itself (skipped without torch).
+
+
+def test_files_written_by_torch(tmp_path):
+  torch = pytest.importorskip('torch', reason='torch not installed: files written by torch itself not checked')
+  gen = torch.Generator().manual_seed(0)
+  shared = torch.randn(40, generator=gen)
+  net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+  tensors = {
+      'transposed': torch.randn(5, 6, generator=gen).t(),
+      'sliced': shared[3:33].view(5, 6)[1:4, ::2],
+      'shared_a': shared[:10], 'shared_b': shared[5:15].view(2, 5),
+      'scalar': torch.tensor(2.5), 'empty': torch.zeros(0, 4), 'size_one_dims': torch.randn(1, 3, 1, generator=gen),
+      'bf16': torch.randn(3, 4, generator=gen).to(torch.bfloat16), 'fp16': torch.randn(7, generator=gen).half(),
+      'bool': torch.tensor([True, False, True]), 'int64': torch.arange(-3, 9), 'uint8': torch.arange(250, 256).byte(),
+      'complex': torch.randn(3, generator=gen, dtype=torch.complex64), 'uint16': torch.arange(5).to(torch.uint16),
+      'parameter': torch.nn.Parameter(torch.randn(2, 2, generator=gen)),
+  }
+  obj = {'tensors': tensors, 'state_dict': net.state_dict(), 'step': 7}
+  for name, kwargs in (('zip.pt', {}), ('legacy.pth', {'_use_new_zipfile_serialization': False}),
+                       ('zip_p4.pt', {'pickle_protocol': 4})):
+    torch.save(obj, tmp_path / name, **kwargs)
+    read = torch_files.read_torch_file(tmp_path / name)
+    assert read['step'] == 7
+    for key, tensor in {**tensors, **{f'sd/{k}': v for k, v in net.state_dict().items()}}.items():
+      got = read['tensors'][key] if not key.startswith('sd/') else read['state_dict'][key[3:]]
+      want = tensor.detach().float().numpy() if tensor.dtype == torch.bfloat16 else tensor.detach().numpy()
+      assert got.shape == want.shape and got.dtype.name == (
+          'bfloat16' if tensor.dtype == torch.bfloat16 else want.dtype.name), (name, key)
+      np.testing.assert_array_equal(np.asarray(got, want.dtype), want, err_msg=f'{name} {key}')
+    assert np.shares_memory(read['tensors']['shared_a'], read['tensors']['shared_b']), name
+  # torch.save keeps broadcast views (stride 0) as they are; those are refused, naming the reason.
+  torch.save({'expanded': torch.ones(1).expand(5)}, tmp_path / 'expanded.pt')
+  with pytest.raises(torch_files.UnsafePickleError, match=r'expanded\.pt.*zero or negative stride'):
+    torch_files.read_torch_file(tmp_path / 'expanded.pt')

@@ -61,6 +61,17 @@ def _consume(value) -> None:
         item.init_args  # pylint: disable=pointless-statement
 
 
+def _resident_kb(field: str) -> int:
+  """This process's resident memory now ('VmRSS') or at its peak ('VmHWM'), in KB. (ru_maxrss is no
+  use here: Linux carries the parent's peak across exec.)"""
+  import resource  # pylint: disable=import-outside-toplevel
+  try:
+    with open('/proc/self/status') as status:
+      return next(int(line.split()[1]) for line in status if line.startswith(f'{field}:'))
+  except (OSError, StopIteration):
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _child(cases_path: str, as_limit_mb: int) -> None:
   import resource  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(REPO))
@@ -74,7 +85,7 @@ def _child(cases_path: str, as_limit_mb: int) -> None:
     readers['network'] = snapshot.load_snapshot
   if as_limit_mb:
     resource.setrlimit(resource.RLIMIT_AS, (as_limit_mb << 20, as_limit_mb << 20))
-  start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  start_rss = _resident_kb('VmRSS')
   for case in cases:
     t0 = time.perf_counter()
     record = {'id': case['id']}
@@ -90,7 +101,7 @@ def _child(cases_path: str, as_limit_mb: int) -> None:
     except BaseException as error:  # pylint: disable=broad-except
       record.update(outcome='error', cause=type(error).__name__, message=str(error)[-300:])
     record['seconds'] = time.perf_counter() - t0
-    record['rss_growth_mb'] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss) / 1024
+    record['rss_growth_mb'] = (_resident_kb('VmHWM') - start_rss) / 1024  # peak since start, upper bound
     print(json.dumps(record), flush=True)
 
 
@@ -196,20 +207,23 @@ class Mutator:
 
   def __init__(self, seed: int):
     self.rng = np.random.default_rng(seed)
-    self._ops: dict = {}
+    self._ops: dict = {}  # (id, start) -> (data, ops) for the sources only, which stay alive
 
   def choice(self, items):
     return items[int(self.rng.integers(len(items)))]
 
-  def pickle_ops(self, data: bytes, start: int = 0) -> Optional[list]:
-    key = (id(data), start)
-    if key not in self._ops:
-      try:
-        ops = [(op, arg, pos) for op, arg, pos in pickletools.genops(io.BytesIO(data[start:]))]
-        self._ops[key] = [(op, arg, pos + start) for op, arg, pos in ops]
-      except Exception:  # pylint: disable=broad-except
-        self._ops[key] = None
-    return self._ops[key]
+  def pickle_ops(self, data: bytes, start: int = 0, cache: bool = False) -> Optional[list]:
+    """(opcode, argument, position) of the pickle at `data[start:]`, or None if it does not parse."""
+    cached = self._ops.get((id(data), start))
+    if cached is not None and cached[0] is data:
+      return cached[1]
+    try:
+      ops = [(op, arg, pos + start) for op, arg, pos in pickletools.genops(io.BytesIO(data[start:]))]
+    except Exception:  # pylint: disable=broad-except
+      ops = None
+    if cache:
+      self._ops[(id(data), start)] = (data, ops)
+    return ops
 
   def bytes_level(self, data: bytes, others: list) -> bytes:
     n = len(data)
@@ -237,8 +251,8 @@ class Mutator:
     at = int(self.rng.integers(max(len(other), 1)))
     return data[:pos] + other[at:at + length] + data[pos + length:]
 
-  def structural(self, data: bytes, start: int = 0) -> Optional[bytes]:
-    ops = self.pickle_ops(data, start)
+  def structural(self, data: bytes, start: int = 0, cache: bool = False) -> Optional[bytes]:
+    ops = self.pickle_ops(data, start, cache)
     if not ops:
       return None
     index = int(self.rng.integers(len(ops)))
@@ -298,11 +312,13 @@ class Mutator:
     renamed = int(self.rng.integers(len(records))) if self.rng.random() < 0.1 else -1
     with zipfile.ZipFile(out, 'w', compression) as rewritten:
       for i, (other_info, other) in enumerate(records):
-        name = other_info.filename + ('x' if i == renamed else '')
-        rewritten.writestr(name, content if i == index else other)
+        info = zipfile.ZipInfo(other_info.filename + ('x' if i == renamed else ''), date_time=(1980, 1, 1, 0, 0, 0))
+        info.compress_type = compression
+        rewritten.writestr(info, content if i == index else other)
     return out.getvalue()
 
-  def mutate(self, name: str, data: bytes, others: list) -> bytes:
+  def mutate(self, name: str, data: bytes, others: list, cache: bool = False) -> bytes:
+    """One mutation of `data`; `cache` keeps its opcode list (for the sources, which stay alive)."""
     roll = self.rng.random()
     if data[:4] == b'PK\x03\x04' and roll < 0.5:
       mutated = self.zip_level(data)
@@ -311,12 +327,12 @@ class Mutator:
     if roll < 0.7:
       start = 0
       if name.startswith('legacy'):  # the main pickle follows three small header pickles
-        ops = self.pickle_ops(data)
+        ops = self.pickle_ops(data, 0, cache)
         start = ops[-1][2] + 1 if ops else 0
         for _ in range(2):
-          header_ops = self.pickle_ops(data, start)
+          header_ops = self.pickle_ops(data, start, cache)
           start = header_ops[-1][2] + 1 if header_ops else start
-      mutated = self.structural(data, start)
+      mutated = self.structural(data, start, cache)
       if mutated is not None:
         return mutated
     return self.bytes_level(data, others)
@@ -328,8 +344,8 @@ class Mutator:
     for i in range(count):
       name = names[i % len(names)]
       data, reader = sources[name]
-      for _ in range(self.choice(list(rounds))):
-        data = self.mutate(name, data, others)
+      for round_ in range(self.choice(list(rounds))):
+        data = self.mutate(name, data, others, cache=round_ == 0)
       yield f'{i:05d}-{name}', data, reader
 
 

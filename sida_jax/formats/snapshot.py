@@ -103,17 +103,17 @@ def _build_and_copy(source: str, class_name: str, init_kwargs: dict, state: dict
 
 
 def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.float32,
-                  like: Optional[registry.Network] = None) -> registry.Network:
+                  like: Optional[registry.Network] = None, max_bytes: Optional[int] = None) -> registry.Network:
   """The network stored under `key` of a snapshot pickle or SiD training state, read without torch.
 
   For a training state `key='ema'` means `G_ema`; a key that holds only a state_dict (`G_ema_state`
   on SiD's sida branch) is built with the class and kwargs of `like` (the teacher), and EDM2
   generators, which drop the teacher's logvar head, as `EDM_2_Precond_Generator`.
   Raises ValueError for a missing key, UnsafePickleError (a ValueError) for a file that is refused or
-  whose network does not load.
+  whose network does not load; `max_bytes` overrides the reader's memory budget (see `pickle.Budget`).
   """
   source = os.fspath(path)
-  contents = read_snapshot(path)
+  contents = read_snapshot(path, max_bytes)
   if not isinstance(contents, dict):
     raise UnsafePickleError(f'{source}: holds {describe(contents)}, not a snapshot or training-state dict')
   name, obj = _select(contents, key, source)
