@@ -180,8 +180,14 @@ def test_every_refusal_is_one_error_type(tmp_path):
   colliding = pickle.EMPTY_DICT + pickle.MARK + b''.join(  # ints that all hash alike
       pickle.LONG1 + bytes([9]) + (k * ((1 << 61) - 1)).to_bytes(9, 'little') + pickle.NONE for k in range(1, 500)
   ) + pickle.SETITEMS
+  modules_set = (pickle.EMPTY_DICT + op_str('type') + op_str('class') + pickle.SETITEM + op_str('class_name')
+                 + op_str('Net') + pickle.SETITEM + op_str('state') + pickle.EMPTY_DICT + op_str('_parameters')
+                 + pickle.EMPTY_DICT + pickle.SETITEM + op_str('_modules') + pickle.EMPTY_SET + pickle.SETITEM
+                 + pickle.SETITEM)
   files = {
       'deep_kwargs.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + deep_module + pickle.SETITEM, 2),
+      'modules_as_a_set.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + op_call(
+          op_global('torch_utils.persistence', '_reconstruct_persistent_obj', 2), modules_set) + pickle.SETITEM, 4),
       'deep_stack_marks.pkl': op_pickle(pickle.MARK * 100_000 + pickle.NONE + op_global('os', 'system', 2), 2),
       'wrong_arity.pkl': op_pickle(op_call(op_global('torch._utils', '_rebuild_tensor_v2', 2), pickle.NONE), 2),
       'unhashable_key.pkl': op_pickle(pickle.EMPTY_DICT + pickle.EMPTY_LIST + pickle.NONE + pickle.SETITEM, 2),
@@ -205,6 +211,7 @@ def test_every_refusal_is_one_error_type(tmp_path):
   }
   messages = read_in_child(tmp_path, files)
   assert 'nested deeper than 100' in messages['deep_kwargs.pkl']
+  assert 'Net: _modules is a set' in messages['modules_as_a_set.pkl']  # found by tools/fuzz_readers.py
   assert 'called with 1 arguments' in messages['wrong_arity.pkl']
   for name in ('unhashable_key.pkl', 'set_of_lists.pkl', 'colliding_keys.pkl'):
     assert 'only strings, bytes and small integers' in messages[name], name

@@ -118,7 +118,10 @@ def load_snapshot(path: os.PathLike, key: str = 'ema', dtype: jnp.dtype = jnp.fl
     raise UnsafePickleError(f'{source}: holds {describe(contents)}, not a snapshot or training-state dict')
   name, obj = _select(contents, key, source)
   if isinstance(obj, torch_files.PersistentObject):
-    class_name, init_kwargs, state = obj.class_name, obj.init_kwargs, obj.state_dict()
+    try:
+      class_name, init_kwargs, state = obj.class_name, obj.init_kwargs, obj.state_dict()
+    except UnsafePickleError as error:
+      raise UnsafePickleError(f'{source}: {name!r}: {error}') from None
   elif _is_state_dict(obj):
     if like is None:
       raise ValueError(f'{source}: {name!r} is a bare state_dict (a SiDA training state); its class and '

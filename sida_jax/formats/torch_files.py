@@ -125,12 +125,14 @@ class _ModuleTree(metaclass=ReadOnlyClass):
     return children
 
   def _torch_state(self, key: str) -> Any:
+    """`state[key]` of the torch bookkeeping: a dict, or a set for `_non_persistent_buffers_set`."""
     if not isinstance(self.state, dict) or '_parameters' not in self.state:
       raise UnsafePickleError(f'{self.class_name} is not a torch.nn.Module: its state has no _parameters')
+    kind = (set, frozenset) if key == '_non_persistent_buffers_set' else dict
     value = self.state.get(key)
     if value is None:
-      return {} if key != '_non_persistent_buffers_set' else set()
-    if not isinstance(value, (dict, set, frozenset)):
+      return kind[0]() if isinstance(kind, tuple) else kind()
+    if not isinstance(value, kind):
       raise UnsafePickleError(f'{self.class_name}: {key} is {describe(value)}')
     return value
 
