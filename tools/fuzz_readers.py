@@ -431,10 +431,11 @@ def main() -> int:
   outcomes = collections.Counter(r['outcome'] for r in results)
   causes = collections.Counter(r.get('cause') for r in results if r['outcome'] == 'refused')
   timed = [r['seconds'] for r in results if 'seconds' in r]
+  slowest = max((r for r in results if 'seconds' in r), key=lambda r: r['seconds'])
   print(f'{len(results)} cases from {len(sources)} sources in {time.time() - t0:.0f} s (seed {args.seed})')
   print('outcomes:', dict(outcomes))
   print('causes of refusals:', dict(causes))
-  print(f'slowest case {max(timed):.2f} s; median {float(np.median(timed)):.3f} s; '
+  print(f'slowest case {max(timed):.2f} s ({slowest["id"]}); median {float(np.median(timed)):.3f} s; '
         f'largest resident-memory growth of a child {max(r.get("rss_growth_mb", 0) for r in results):.0f} MB')
   for r in bad:
     print('FAILED', r)

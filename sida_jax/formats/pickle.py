@@ -758,7 +758,7 @@ def _op_unicode(u: Unpickler) -> None:
   u.push(u.new_str(u.line(), 'raw-unicode-escape'))
 
 
-def _op_sized(fmt: Optional[str], make: str) -> Callable[[Unpickler], None]:
+def _op_sized(fmt: str, make: str) -> Callable[[Unpickler], None]:
   """Opcodes with a binary length prefix (`fmt`) and `make` in ('bytes', 'str', 'latin1', 'bytearray', 'long')."""
   def op(u: Unpickler) -> None:
     size = u.unpack(fmt)
@@ -948,10 +948,7 @@ def read_pickle(path_or_file: PathOrFile, kind: str = 'a pickle', table: Mapping
   Raises FileNotFoundError for a missing path and UnsafePickleError for anything refused.
   """
   def reader(file: BinaryIO, context: Context) -> Any:
-    data = read_exactly(file, remaining_size(file), context.source)
-    value, end = load(data, table, context)
-    del end
-    return value
+    return load(read_exactly(file, remaining_size(file), context.source), table, context)[0]
 
   return read_file(path_or_file, reader, kind, max_bytes)
 
