@@ -173,7 +173,7 @@ def test_every_refusal_is_one_error_type(tmp_path):
   """Inputs that used to escape as RecursionError, MemoryError, TypeError, AttributeError, KeyError."""
   deep_kwargs = (pickle.EMPTY_DICT + op_str('_parameters') + pickle.EMPTY_DICT + pickle.SETITEM
                  + op_str('_init_kwargs') + pickle.EMPTY_DICT + op_str('x')
-                 + _nested(pickle.EMPTY_LIST, pickle.APPEND, 200_000) + pickle.SETITEM + pickle.SETITEM)
+                 + _nested(pickle.EMPTY_LIST, pickle.APPEND, 20_000) + pickle.SETITEM + pickle.SETITEM)
   meta = (pickle.EMPTY_DICT + op_str('type') + op_str('class') + pickle.SETITEM + op_str('class_name')
           + op_str('Net') + pickle.SETITEM + op_str('state') + deep_kwargs + pickle.SETITEM)
   deep_module = op_call(op_global('torch_utils.persistence', '_reconstruct_persistent_obj', 2), meta)
@@ -184,7 +184,26 @@ def test_every_refusal_is_one_error_type(tmp_path):
                  + op_str('Net') + pickle.SETITEM + op_str('state') + pickle.EMPTY_DICT + op_str('_parameters')
                  + pickle.EMPTY_DICT + pickle.SETITEM + op_str('_modules') + pickle.EMPTY_SET + pickle.SETITEM
                  + pickle.SETITEM)
+  # Shared sub-structures through the memo: 2^40 paths through kwargs, and through child modules.
+  doubling = pickle.EMPTY_LIST + pickle.MEMOIZE + pickle.POP + b''.join(
+      pickle.MARK + (pickle.BINGET + bytes([i])) * 2 + pickle.LIST + pickle.MEMOIZE + pickle.POP for i in range(40))
+  persistent = op_global('torch_utils.persistence', '_reconstruct_persistent_obj', 2)
+
+  def module(children):
+    state = (pickle.EMPTY_DICT + op_str('_parameters') + pickle.EMPTY_DICT + pickle.SETITEM + op_str('_modules')
+             + pickle.EMPTY_DICT + children + pickle.SETITEM + op_str('_init_kwargs') + pickle.EMPTY_DICT
+             + op_str('x') + pickle.BINGET + bytes([40]) + pickle.SETITEM + pickle.SETITEM)
+    return op_call(persistent, pickle.EMPTY_DICT + op_str('type') + op_str('class') + pickle.SETITEM
+                   + op_str('class_name') + op_str('Net') + pickle.SETITEM + op_str('state') + state + pickle.SETITEM)
+
+  shared_modules = doubling + module(b'') + pickle.MEMOIZE + pickle.POP + b''.join(
+      module(op_str('a') + pickle.BINGET + bytes([41 + i]) + pickle.SETITEM
+             + op_str('b') + pickle.BINGET + bytes([41 + i]) + pickle.SETITEM) + pickle.MEMOIZE + pickle.POP
+      for i in range(40)) + pickle.BINGET + bytes([81])
   files = {
+      'shared_kwargs.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + doubling + module(b'') + pickle.SETITEM, 4),
+      'shared_kwargs_and_modules.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + shared_modules
+                                                 + pickle.SETITEM, 4),
       'deep_kwargs.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + deep_module + pickle.SETITEM, 2),
       'modules_as_a_set.pkl': op_pickle(pickle.EMPTY_DICT + op_str('ema') + op_call(
           op_global('torch_utils.persistence', '_reconstruct_persistent_obj', 2), modules_set) + pickle.SETITEM, 4),
@@ -211,6 +230,8 @@ def test_every_refusal_is_one_error_type(tmp_path):
   }
   messages = read_in_child(tmp_path, files)
   assert 'nested deeper than 100' in messages['deep_kwargs.pkl']
+  assert 'more than 20000 module visits' in messages['shared_kwargs_and_modules.pkl']
+  assert 'more than 10000 values in one record' in messages['shared_kwargs.pkl']
   assert 'Net: _modules is a set' in messages['modules_as_a_set.pkl']  # found by tools/fuzz_readers.py
   assert 'called with 1 arguments' in messages['wrong_arity.pkl']
   for name in ('unhashable_key.pkl', 'set_of_lists.pkl', 'colliding_keys.pkl'):

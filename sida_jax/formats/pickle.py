@@ -835,7 +835,7 @@ def load(data: Union[bytes, bytearray], table: Mapping[str, Any], context: Conte
 # Converting what was read.
 
 
-def plain(value: Any, max_items: int = 1_000_000, max_depth: int = 100) -> Any:
+def plain(value: Any, max_items: int = 10_000, max_depth: int = 100) -> Any:
   """numpy scalars → Python numbers, dict subclasses (EasyDict, OrderedDict) → dict, recursively.
 
   Iterative, so nesting cannot exhaust the stack here; a cycle, nesting deeper than `max_depth`

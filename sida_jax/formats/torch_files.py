@@ -41,8 +41,10 @@ _ZIP_MAX_RATIO = 100
 _ZIP_MAX_DIRECTORY_BYTES = 8 << 20
 # A storage blob (torch.storage._load_from_bytes) holds one storage; blobs inside blobs are refused.
 _MAX_BLOB_DEPTH = 1
-# Module trees: how deep and how many tensors a state_dict walk may go.
+# Module trees: how deep a state_dict walk may go, how many modules it may visit (a module shared
+# under several names is visited under each, as in torch) and how many tensors it may collect.
 _MAX_MODULE_DEPTH = 256
+_MAX_MODULE_VISITS = 20_000
 _MAX_STATE_ENTRIES = 1_000_000
 
 
@@ -97,8 +99,8 @@ class _ModuleTree(metaclass=ReadOnlyClass):
     while stack:
       prefix, module, path = stack.pop()
       visits += 1
-      if visits > _MAX_STATE_ENTRIES:
-        raise UnsafePickleError(f'{self.class_name}: more than {_MAX_STATE_ENTRIES} modules')
+      if visits > _MAX_MODULE_VISITS:
+        raise UnsafePickleError(f'{self.class_name}: more than {_MAX_MODULE_VISITS} module visits')
       if len(path) > _MAX_MODULE_DEPTH:
         raise UnsafePickleError(f'{self.class_name}: module tree deeper than {_MAX_MODULE_DEPTH}')
       for name, value in module._own_tensors():

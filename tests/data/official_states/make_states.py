@@ -1,9 +1,9 @@
 """Writes small SiD training states the way the official training loops write them, plus references.
 
-Needs torch and the two official SiD source trees (not part of this repository), exported with e.g.
-`git archive main | tar -x -C /tmp/sid_main` and `git archive sida | tar -x -C /tmp/sid_sida`:
+Needs torch and the two official SiD source trees (mingyuanzhou/SiD, branches main and sida; not part
+of this repository), exported to folders of your choice with `git archive BRANCH | tar -x -C FOLDER`:
 
-  python tests/data/official_states/make_states.py --sid-main /tmp/sid_main --sid-sida /tmp/sid_sida
+  python tests/data/official_states/make_states.py --sid-main SID_MAIN_FOLDER --sid-sida SID_SIDA_FOLDER
 
 Files (all tiny networks with seeded random weights):
   sid_main_state.pt        SiD main: torch.save(dict(fake_score=, G=, G_ema= modules, *_optimizer_state))
