@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.network.kwargs = ml_collections.ConfigDict()
   c.dropout = -1.0             # dropout of generator and critic; < 0 keeps the teacher's
   c.dtype = "float32"          # compute dtype of the U-Nets: float32 | bfloat16 (params/σ math stay fp32)
-  c.generator_init = ""        # SiD²A: a distilled generator (.pkl, converted folder or sida_jax workdir)
+  c.generator_init = ""        # SiD²A: a distilled generator (.pkl, SiD training-state-*.pt, converted folder or workdir)
   c.force_normalize = True     # EDM2 forced weight normalisation of trained networks in train mode
 
   c.batch_size = 256           # global

@@ -96,13 +96,17 @@ def load_network_files(directory: str) -> tuple:
   return info["class_name"], info["init_kwargs"], variables
 
 
-def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> registry.Network:
-  """A network from a snapshot `.pkl`, a folder written by `--mode convert`, or a sida_jax workdir
-  (its latest EMA generator)."""
+def load_network(source: str, key: str = "ema", dtype=jnp.float32,
+                 like: Optional[registry.Network] = None) -> registry.Network:
+  """A network from a snapshot `.pkl`, an official SiD `training-state-*.pt`, a folder written by
+  `--mode convert`, or a sida_jax workdir (its latest EMA generator).
+
+  `like` (the teacher) gives the architecture of training states that store only a state_dict.
+  """
   if not source:
     raise ValueError("no network source given")
   if os.path.isfile(source):
-    return snapshot.load_snapshot(source, key=key, dtype=dtype)
+    return snapshot.load_snapshot(source, key=key, dtype=dtype, like=like)
   if os.path.isfile(os.path.join(source, NETWORK_JSON)) and os.path.isdir(os.path.join(source, "params")):
     class_name, init_kwargs, variables = load_network_files(source)
     return registry.Network(registry.build_network(class_name, init_kwargs, dtype), variables, class_name,
@@ -113,4 +117,5 @@ def load_network(source: str, key: str = "ema", dtype=jnp.float32) -> registry.N
     variables = {"params": state["generator_ema"], **state["generator"]["buffers"]}
     return registry.Network(registry.build_network(info["class_name"], info["init_kwargs"], dtype), variables,
                             info["class_name"], info["init_kwargs"])
-  raise FileNotFoundError(f"network source not found (expected a .pkl, a converted folder or a workdir): {source}")
+  raise FileNotFoundError(f"network source not found (expected a .pkl or .pt, a converted folder or a workdir): "
+                          f"{source}")

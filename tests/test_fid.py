@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.special
 
+from sida_jax.formats.pickle import UnsafePickleError
 from sida_jax.metrics import fid
 
 
@@ -126,7 +127,7 @@ class _Exploit:
 
 def test_reference_stats_pickle_refuses_foreign_globals(tmp_path):
   (tmp_path / "bad.pkl").write_bytes(pickle.dumps({"fid": _Exploit()}))
-  with pytest.raises(pickle.UnpicklingError, match="refusing"):
+  with pytest.raises(UnsafePickleError, match="refusing to load global 'posix.system'.*bad.pkl"):
     fid.load_reference_stats(tmp_path / "bad.pkl")
 
 

@@ -1,4 +1,5 @@
 """build_run / initial_state: start-up validation, SiD²A's generator init."""
+import json
 import pathlib
 import sys
 
@@ -6,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from sida_jax.models import convert
 from sida_jax.train import loop
 from sida_jax.train import run as run_lib
 
@@ -51,6 +53,22 @@ def test_sid2a_generator_init_from_a_workdir(tmp_path):
   for a, b in zip(jax.tree.leaves(state.critic.params), jax.tree.leaves(run.teacher.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert _max_diff_trees(state.generator.params, run.teacher.params) > 0
+
+
+def test_generator_init_from_an_official_sida_training_state():
+  """A SiDA `training-state-*.pt` holds only state_dicts: G_ema is built with the teacher's architecture."""
+  states = pathlib.Path(__file__).resolve().parent / "data" / "official_states"
+  info = json.loads((states / "sida_edm_state.json").read_text())
+  config = smoke.get_config("ddpmpp")
+  config.network.class_name = info["class_name"]
+  config.network.kwargs = info["init_kwargs"]
+  config.generator_init = str(states / "sida_edm_state.pt")
+  run = run_lib.build_run(config)
+  state = run_lib.initial_state(run)
+  reference = dict(np.load(states / "sida_edm_state_reference.npz"))  # torch's G_ema.state_dict()
+  expected = convert.variables_from_state_dict(run.teacher.module, reference)["params"]
+  jax.tree.map(np.testing.assert_array_equal, state.generator.params, expected)
+  assert _max_diff_trees(state.critic.params, expected) > 0  # the critic starts from the teacher
 
 
 def _max_diff_trees(a, b):

@@ -1,12 +1,16 @@
 """Tests for sida_jax.formats.snapshot: the official fixture pickles, read and loaded as networks."""
 import json
+import pathlib
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import fixture_files, fixtures_dir
+from sida_jax import checkpoint
 from sida_jax.formats import snapshot, torch_files
-from sida_jax.models import convert
+from sida_jax.formats.pickle import UnsafePickleError
+from sida_jax.models import convert, registry
 
 NETWORK_IO = fixture_files('edm', '*_io.npz', exclude='block_*')
 
@@ -96,3 +100,74 @@ def test_load_snapshot_reports_bad_keys():
     snapshot.load_snapshot(path, key='generator')
   with pytest.raises(ValueError, match="'loss_fn' holds NoneType, not a network"):
     snapshot.load_snapshot(path, key='loss_fn')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Official SiD training states (tests/data/official_states, written by make_states.py with torch and
+# the official SiD modules): the generator EMA loads, from a module or from a bare state_dict.
+
+STATES = pathlib.Path(__file__).parent / 'data' / 'official_states'
+
+
+def _teacher(stem):
+  """A teacher Network of the class and kwargs recorded next to a training state."""
+  info = json.loads((STATES / f'{stem}.json').read_text())
+  module = registry.build_network(info['class_name'], info['init_kwargs'])
+  return registry.Network(module, convert.init_variables(module, jax.random.key(0)), info['class_name'],
+                          info['init_kwargs'])
+
+
+def _assert_state_equal(net, stem):
+  state = convert.state_dict_from_variables(net.module, net.variables)
+  with np.load(STATES / f'{stem}_reference.npz') as ref:  # torch's own G_ema.state_dict()
+    assert sorted(state) == sorted(ref.files)
+    for name in ref.files:
+      np.testing.assert_array_equal(state[name], ref[name], err_msg=name)
+
+
+def test_sid_main_training_state_holds_modules():
+  path = STATES / 'sid_main_state.pt'
+  top = snapshot.read_snapshot(path)
+  assert sorted(top) == ['G', 'G_ema', 'fake_score', 'fake_score_optimizer_state', 'g_optimizer_state']
+  assert all(isinstance(top[k], torch_files.PersistentObject) for k in ('G', 'G_ema', 'fake_score'))
+  adam = top['g_optimizer_state']
+  assert adam['param_groups'][0]['betas'] == (0.0, 0.999)
+  assert sorted(adam['state'][0]) == ['exp_avg', 'exp_avg_sq', 'step'] and adam['state'][0]['step'] == 1
+  num_parameters = sum(value is not None for _, module in top['G'].named_modules()
+                       for value in module.state['_parameters'].values())
+  assert len(adam['state']) == len(adam['param_groups'][0]['params']) == num_parameters == 48
+  # `ema` means G_ema in a training state; the class and kwargs are the ones the module recorded.
+  net = snapshot.load_snapshot(path)
+  assert net.class_name == 'EDMPrecond'
+  assert net.init_kwargs == json.loads((STATES / 'sid_main_state.json').read_text())['init_kwargs']
+  _assert_state_equal(net, 'sid_main_state')
+  generator = snapshot.load_snapshot(path, key='G')
+  assert not np.array_equal(generator.params['model']['map_layer0']['weight'], net.params['model']['map_layer0']['weight'])
+
+
+@pytest.mark.parametrize('stem, class_name', [('sida_edm_state', 'EDMPrecond'),
+                                              ('sida_edm2_state', 'EDM_2_Precond_Generator')])
+def test_sida_training_state_holds_state_dicts(stem, class_name):
+  path = STATES / f'{stem}.pt'
+  top = snapshot.read_snapshot(path)
+  assert sorted(top) == ['G_ema_state', 'G_state', 'fake_score_optimizer_state', 'fake_score_state',
+                         'g_optimizer_state']
+  with pytest.raises(ValueError, match=r"'G_ema_state' is a bare state_dict .*teacher"):
+    snapshot.load_snapshot(path)
+  teacher = _teacher(stem)
+  net = snapshot.load_snapshot(path, like=teacher)
+  # EDM2 generators have no logvar head: the teacher's Precond becomes EDM_2_Precond_Generator.
+  assert net.class_name == class_name and net.init_kwargs == teacher.init_kwargs
+  _assert_state_equal(net, stem)
+  # --config.generator_init goes through checkpoint.load_network with the run's teacher.
+  via_checkpoint = checkpoint.load_network(str(path), like=teacher)
+  jax.tree.map(np.testing.assert_array_equal, via_checkpoint.variables, net.variables)
+
+
+def test_other_torch_files_get_one_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r"legacy_state_dict\.pth: no key 'ema'; keys present: \['bf16'"):
+    snapshot.load_snapshot(STATES / 'legacy_state_dict.pth')
+  notes = tmp_path / 'training-state-000100.pt'
+  notes.write_bytes(b'PK\x03\x04 not really a zip')
+  with pytest.raises(UnsafePickleError, match=r'training-state-000100\.pt as a snapshot pickle or torch\.save file'):
+    snapshot.load_snapshot(notes)

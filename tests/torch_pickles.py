@@ -199,14 +199,13 @@ def zip_torch_save(obj, path, protocol=2):
   out = io.BytesIO()
   pickler = TorchPickler(out, protocol, 'zip')
   pickler.dump(obj)
+  records = {'archive/data.pkl': out.getvalue(), 'archive/.format_version': '1',
+             'archive/.storage_alignment': '64', 'archive/byteorder': 'little',
+             **{f'archive/data/{key}': storage.array.tobytes() for key, storage in pickler.storages.items()},
+             'archive/version': '3'}
   with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as archive:
-    archive.writestr('archive/data.pkl', out.getvalue())
-    archive.writestr('archive/.format_version', '1')
-    archive.writestr('archive/.storage_alignment', '64')
-    archive.writestr('archive/byteorder', 'little')
-    for key, storage in pickler.storages.items():
-      archive.writestr(f'archive/data/{key}', storage.array.tobytes())
-    archive.writestr('archive/version', '3')
+    for name, data in records.items():  # a fixed date: the same bytes on every run
+      archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -125,8 +125,8 @@ def _read_torch_state(path: str) -> Mapping[str, Any]:
 
 
 def _read_safetensors(path: str) -> Mapping[str, Any]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  return load_file(path)
+  from sida_jax.formats.safetensors import read_safetensors  # pylint: disable=import-outside-toplevel
+  return read_safetensors(path)   # bounded header, fp16/bf16 widened to float32
 
 
 def _read_sharded(folder: str, index_name: str, reader: Callable[[str], Mapping[str, Any]]) -> dict:

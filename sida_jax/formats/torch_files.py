@@ -1,13 +1,17 @@
 """torch objects inside pickles, and `torch.save` files (zip and legacy), read without torch.
 
-Every global a file names is resolved through `GLOBALS`, an allow-list of inert stand-ins (see
-`pickle.py`), so reading never imports torch and never runs code from the file: tensors become numpy
-arrays (fp32/fp16/bf16 and integer storages, strided and shared views), `torch.nn` containers become
-`TorchModule` stubs, and NVIDIA's persistent classes become `PersistentObject` records. NVIDIA's
-persistence layer pickles every network as a call of `torch_utils.persistence._reconstruct_persistent_obj(meta)`,
-where `meta` carries the source code of the defining module and the official loader execs it; here
-it only records the class name, the constructor kwargs and the state. Any other global raises
-`UnsafePickleError` before anything is called.
+Every global a file names is resolved through `GLOBALS`, a table of inert stand-ins interpreted by
+`pickle.py`, so reading never imports torch and never runs code from the file: tensors become numpy
+arrays (fp32/fp16/bf16, integer, bool and complex storages; strided and shared views), `torch.nn`
+containers become `TorchModule` stubs, and NVIDIA's persistent classes become `PersistentObject`
+records. NVIDIA's persistence layer pickles every network as a call of
+`torch_utils.persistence._reconstruct_persistent_obj(meta)`, where `meta` carries the source code of
+the defining module and the official loader execs it; here it only records the class name, the
+constructor kwargs and the state.
+
+Every tensor is bounded by the storage behind it, every storage by the bytes the file holds for it,
+and everything materialised by the read's budget (see `pickle.Budget`): a malformed, hostile or
+truncated file raises `UnsafePickleError` (a ValueError naming the file) before any large allocation.
 
 Typical use:
 
@@ -16,21 +20,32 @@ Typical use:
   net.state_dict()                   # {'model.enc.32x32_conv.weight': np.ndarray, ...}
   read_torch_file('training-state-004000.pt')   # dicts of numpy arrays, optimizer states, ...
 """
-import io
-import math
 import zipfile
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Iterator, Optional
 
 import ml_dtypes
 import numpy as np
 
 from sida_jax.formats import pickle as pickle_lib
-from sida_jax.formats.pickle import PathOrFile, ReadOnly, ReadOnlyClass, ReadOnlyFunction, UnsafePickleError
+from sida_jax.formats.pickle import (Class, Context, Marker, PathOrFile, ReadOnly, ReadOnlyClass,
+                                     UnsafePickleError, check_int, check_shape, describe, is_one_of)
 
 # First pickle of a legacy (non-zip) `torch.save` stream, then its format version.
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
 _ZIP_MAGIC = b'PK\x03\x04'
+# torch writes its records uncompressed; a compressed record may not claim more than this ratio.
+_ZIP_MAX_RATIO = 100
+# zipfile keeps ~600 bytes per central-directory entry (46 bytes + the name); torch writes a few entries
+# per tensor, and a big training state has ~10k of ~80 bytes.
+_ZIP_MAX_DIRECTORY_BYTES = 8 << 20
+# A storage blob (torch.storage._load_from_bytes) holds one storage; blobs inside blobs are refused.
+_MAX_BLOB_DEPTH = 1
+# Module trees: how deep a state_dict walk may go, how many modules it may visit (a module shared
+# under several names is visited under each, as in torch) and how many tensors it may collect.
+_MAX_MODULE_DEPTH = 256
+_MAX_MODULE_VISITS = 20_000
+_MAX_STATE_ENTRIES = 1_000_000
 
 
 class EasyDict(dict, metaclass=ReadOnlyClass):
@@ -47,6 +62,9 @@ class EasyDict(dict, metaclass=ReadOnlyClass):
 
   def __delattr__(self, name: str) -> None:
     del self[name]
+
+
+pickle_lib.register_dict_type(EasyDict)
 
 
 class _ModuleTree(metaclass=ReadOnlyClass):
@@ -70,42 +88,69 @@ class _ModuleTree(metaclass=ReadOnlyClass):
       stack.extend(reversed(children))
 
   def state_dict(self) -> dict[str, np.ndarray]:
-    """Parameters and persistent buffers under exactly the names PyTorch's `state_dict()` gives."""
-    tensors = {}
-    self._collect_tensors('', tensors)
+    """Parameters and persistent buffers under exactly the names PyTorch's `state_dict()` gives.
+
+    Shared submodules appear under every name they have, as in torch; a module that contains
+    itself, or a tree deeper than 256 or with more than a million tensors, is refused.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    stack = [('', self, ())]
+    visits = 0
+    while stack:
+      prefix, module, path = stack.pop()
+      visits += 1
+      if visits > _MAX_MODULE_VISITS:
+        raise UnsafePickleError(f'{self.class_name}: more than {_MAX_MODULE_VISITS} module visits')
+      if len(path) > _MAX_MODULE_DEPTH:
+        raise UnsafePickleError(f'{self.class_name}: module tree deeper than {_MAX_MODULE_DEPTH}')
+      for name, value in module._own_tensors():
+        if len(tensors) >= _MAX_STATE_ENTRIES:
+          raise UnsafePickleError(f'{self.class_name}: more than {_MAX_STATE_ENTRIES} tensors')
+        tensors[prefix + name] = value
+      children = []
+      for name, child in module._children().items():
+        if id(child) in path or child is module:
+          raise UnsafePickleError(f"{self.class_name}: module '{prefix}{name}' contains itself")
+        children.append((f'{prefix}{name}.', child, path + (id(module),)))
+      stack.extend(reversed(children))  # depth first, in declaration order, like torch
     return tensors
 
   def _children(self) -> dict[str, '_ModuleTree']:
     children = {}
-    for name, child in (self._torch_state('_modules') or {}).items():
+    for name, child in self._torch_state('_modules').items():
       if child is None:
         continue
       if not isinstance(child, _ModuleTree):
-        raise ValueError(f"{self.class_name}: child module '{name}' is a {type(child).__name__}, "
-                         'not a snapshot module')
+        raise UnsafePickleError(f"{self.class_name}: child module '{name}' is {describe(child)}, "
+                                'not a snapshot module')
       children[name] = child
     return children
 
   def _torch_state(self, key: str) -> Any:
-    if '_parameters' not in self.state:
-      raise ValueError(f'{self.class_name} is not a torch.nn.Module: its state has no _parameters')
-    return self.state.get(key)
+    """`state[key]` of the torch bookkeeping: a dict, or a set for `_non_persistent_buffers_set`."""
+    if not isinstance(self.state, dict) or '_parameters' not in self.state:
+      raise UnsafePickleError(f'{self.class_name} is not a torch.nn.Module: its state has no _parameters')
+    kind = (set, frozenset) if key == '_non_persistent_buffers_set' else dict
+    value = self.state.get(key)
+    if value is None:
+      return kind[0]() if isinstance(kind, tuple) else kind()
+    if not isinstance(value, kind):
+      raise UnsafePickleError(f'{self.class_name}: {key} is {describe(value)}')
+    return value
 
-  def _collect_tensors(self, prefix: str, tensors: dict[str, np.ndarray]) -> None:
-    # Same walk as torch's state_dict(): shared submodules appear under every name they have.
-    skipped = self._torch_state('_non_persistent_buffers_set') or set()
-    named = list((self._torch_state('_parameters') or {}).items())
-    named += [(name, value) for name, value in (self._torch_state('_buffers') or {}).items()
-              if name not in skipped]
+  def _own_tensors(self) -> list[tuple[str, np.ndarray]]:
+    skipped = self._torch_state('_non_persistent_buffers_set')
+    named = list(self._torch_state('_parameters').items())
+    named += [(name, value) for name, value in self._torch_state('_buffers').items() if name not in skipped]
+    tensors = []
     for name, value in named:
       if value is None:
         continue
-      if not isinstance(value, np.ndarray):
-        raise ValueError(f"{self.class_name}: tensor '{prefix}{name}' decoded to a "
-                         f'{type(value).__name__}, not an array')
-      tensors[prefix + name] = value
-    for name, child in self._children().items():
-      child._collect_tensors(f'{prefix}{name}.', tensors)
+      if not isinstance(value, np.ndarray) or type(name) is not str:
+        raise UnsafePickleError(f"{self.class_name}: tensor {describe(name)} decoded to {describe(value)}, "
+                                'not an array')
+      tensors.append((name, value))
+    return tensors
 
 
 class PersistentObject(_ModuleTree):
@@ -127,15 +172,21 @@ class PersistentObject(_ModuleTree):
   @property
   def init_args(self) -> tuple:
     """Positional constructor arguments recorded by the persistence layer, as plain Python values."""
-    return tuple(pickle_lib.plain(self.state.get('_init_args', ())))
+    args = pickle_lib.plain(self.state.get('_init_args', ()))
+    if not isinstance(args, (tuple, list)):
+      raise UnsafePickleError(f'{self.class_name}: _init_args is {describe(args)}')
+    return tuple(args)
 
   @property
   def init_kwargs(self) -> dict[str, Any]:
     """Constructor kwargs recorded by the persistence layer, as plain Python values."""
-    return pickle_lib.plain(dict(self.state.get('_init_kwargs', {})))
+    kwargs = pickle_lib.plain(self.state.get('_init_kwargs', {}))
+    if not isinstance(kwargs, dict) or not all(type(key) is str for key in kwargs):
+      raise UnsafePickleError(f'{self.class_name}: _init_kwargs is {describe(kwargs)}, not a dict of names')
+    return kwargs
 
   def __repr__(self) -> str:
-    return f'PersistentObject({self.class_name!r}, version={self.version!r})'
+    return f'PersistentObject({self.class_name!r}, version={describe(self.version)})'
 
 
 class TorchModule(_ModuleTree):
@@ -145,13 +196,14 @@ class TorchModule(_ModuleTree):
 
   def __new__(cls) -> 'TorchModule':
     module = super().__new__(cls)
-    module.state = {}
+    module.state = None
     return module
 
-  def __setstate__(self, state: Any) -> None:
-    if not isinstance(state, dict):
-      raise ValueError(f'{self.class_name}: state is a {type(state).__name__}, not a dict')
+  def build_from_state(self, context: Context, state: Any) -> 'TorchModule':
+    if self.state is not None or type(state) is not dict:
+      raise context.refuse(f'{self.class_name}: state is {describe(state)}, not a dict (or set twice)')
     self.state = state
+    return self
 
   def __repr__(self) -> str:
     return f'TorchModule({self.class_name!r})'
@@ -159,7 +211,7 @@ class TorchModule(_ModuleTree):
 
 _CONTAINER_STUBS = {
     name: ReadOnlyClass(name, (TorchModule,),
-                         {'__slots__': (), 'class_name': f'torch.nn.modules.container.{name}'})
+                        {'__slots__': (), 'class_name': f'torch.nn.modules.container.{name}'})
     for name in ('ModuleDict', 'ModuleList', 'Sequential')}
 
 
@@ -173,24 +225,28 @@ class BoundMethodRef(ReadOnly):
     return f'BoundMethodRef({self.owner.class_name}.{self.name})'
 
 
-class _StorageType(ReadOnly):
-  """What `torch.FloatStorage` & co. stand for: the element dtype of a storage."""
+class StorageType(ReadOnly):
+  """What `torch.FloatStorage` & co. stand for: the element dtype of a storage (an argument only)."""
   __slots__ = ('name', 'dtype')
   name: str
   dtype: np.dtype
 
 
 class TorchDtype(ReadOnly):
-  """What `torch.float32` & co. stand for. A record, not numpy's dtype singleton, which BUILD could alter."""
+  """What `torch.float32` & co. stand for (an argument only): a record, not numpy's dtype singleton."""
   __slots__ = ('name', 'dtype')
   name: str
   dtype: np.dtype
 
 
-class _Storage(ReadOnly):
-  """One decoded storage: a 1-D native-order array, or None while a legacy stream's bytes are unread."""
-  __slots__ = ('array',)
-  array: Optional[np.ndarray]
+class _Storage:
+  """One storage: a 1-D array of its elements. In a legacy stream the bytes follow the pickle, so the
+  array is allocated (from the sizes the persistent ids give) and filled once the pickle is read;
+  until then `pending` collects the tensor copies to make from it."""
+  __slots__ = ('key', 'array', 'pending')
+
+  def __init__(self, key: str, array: np.ndarray, pending: Optional[list]):
+    self.key, self.array, self.pending = key, array, pending
 
 
 _TORCH_DTYPES = {
@@ -208,293 +264,488 @@ _STORAGE_DTYPES = {
 }
 
 
-def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-  strides, step = [], 1
-  for n in reversed(size):
-    strides.append(step)
-    step *= n
-  return tuple(reversed(strides))
+# ----------------------------------------------------------------------------------------------------
+# The context of a read: its storages and blobs.
 
 
-def _tensor_from_storage(storage: Any, offset: Any, size: Any, stride: Any,
-                         dtype: Optional[np.dtype] = None) -> Optional[np.ndarray]:
-  """The array a torch tensor views: `size` elements at `stride`, from element `offset` of `storage`."""
+class TorchContext(Context):
+  """A read of torch objects: `storage_loader` answers persistent ids (zip or legacy storages)."""
+
+  def __init__(self, source: str, budget: pickle_lib.Budget, blob_depth: int = 0):
+    super().__init__(source, budget)
+    self.blob_depth = blob_depth
+    self.blobs: dict[int, tuple[Any, _Storage]] = {}  # id(blob) -> (blob, storage): each decoded once
+    self.storage_loader = None
+
+  def persistent_load(self, pid: Any) -> Any:
+    if type(pid) is tuple and len(pid) == 4 and is_one_of(pid[0], 'module'):
+      # Legacy torch.save of a whole module: ('module', class, source file, source). Only the
+      # container stubs are classes here.
+      if not _is_container_class(pid[1]):
+        raise self.refuse(f'module persistent id for {describe(pid[1])}')
+      return pid[1]
+    if self.storage_loader is None:
+      raise self.refuse(f'persistent id ({describe(pid)}) in a plain pickle')
+    return self.storage_loader(pid)
+
+
+def _parse_storage_pid(context: Context, pid: Any) -> tuple[str, np.dtype, int]:
+  """(key, element dtype, element count) of ('storage', type, key, location, numel[, view])."""
+  if not (type(pid) is tuple and len(pid) in (5, 6) and is_one_of(pid[0], 'storage')):
+    raise context.refuse(f'unsupported persistent id {describe(pid)}')
+  storage_type, key, _, numel = pid[1:5]
+  if not isinstance(storage_type, StorageType):
+    raise context.refuse(f'persistent id names {describe(storage_type)}, not a storage type')
+  if type(key) is not str or len(key) > 256:
+    raise context.refuse(f'storage key {describe(key)}')
+  if len(pid) == 6 and pid[5] is not None:
+    raise context.refuse('storage views (torch < 1.0 files) are not supported')
+  numel = check_int(context, numel, f'the size of storage {key!r}', 0, 1 << 56)
+  return key, storage_type.dtype, numel
+
+
+def _new_storage(context: Context, key: str, dtype: np.dtype, numel: int, pending: Optional[list]) -> _Storage:
+  nbytes = numel * dtype.itemsize
+  context.budget.charge(nbytes + 256, f'storage {key!r} of {nbytes} bytes')
+  return _Storage(key, np.empty(numel, dtype), pending)
+
+
+def _fill_storage(storage: _Storage, data: Any) -> None:
+  """Copies the raw bytes of `storage` in, then makes the tensor copies that waited for them."""
+  storage.array.view(np.uint8)[:] = np.frombuffer(data, np.uint8, storage.array.nbytes)
+  if storage.array.dtype == np.bool_:
+    np.not_equal(storage.array.view(np.uint8), 0, out=storage.array)  # only 0 and 1 are valid booleans
+  pending, storage.pending = storage.pending, None
+  for out, source in pending or ():
+    _copy_tensor(out, source)
+
+
+def _copy_tensor(out: np.ndarray, source: np.ndarray) -> None:
+  if out.dtype == np.bool_:
+    np.not_equal(source.view(np.uint8), 0, out=out)
+  else:
+    np.copyto(out, source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stand-ins for torch's globals.
+
+
+def _tensor_from_storage(context: Context, storage: Any, offset: Any, size: Any, stride: Any,
+                         dtype: Optional[np.dtype] = None) -> np.ndarray:
+  """The array a torch tensor views: `size` elements at `stride`, from element `offset` of `storage`.
+
+  Contiguous tensors are views of their storage (tensors sharing it share memory, as in torch);
+  strided ones are copies charged to the budget. Each dimension of more than one element must
+  step forward through the storage and the whole extent must lie inside it, so no tensor holds
+  more elements than the storage behind it: broadcast (zero-stride) and overlapping views, which
+  torch.save only writes for tensors nobody checkpoints, are refused.
+  """
   if not isinstance(storage, _Storage):
-    raise ValueError(f'a tensor is rebuilt from a {type(storage).__name__}, not a storage')
-  if storage.array is None:
-    return None  # first read of a legacy stream: the storage bytes follow the pickle
+    raise context.refuse(f'a tensor is rebuilt from {describe(storage)}, not a storage')
   flat = storage.array
   if dtype is not None:
-    if not isinstance(dtype, np.dtype) or flat.nbytes % dtype.itemsize:
-      raise ValueError(f'cannot view a storage of {flat.nbytes} bytes as {dtype!r} elements')
+    if flat.nbytes % dtype.itemsize:
+      raise context.refuse(f'cannot view a storage of {flat.nbytes} bytes as {dtype} elements')
     flat = flat.view(np.uint8).view(dtype)
-  offset, size, stride = int(offset), tuple(int(n) for n in size), tuple(int(s) for s in stride)
-  if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0:
-    raise ValueError(f'invalid tensor view: offset {offset}, size {size}, stride {stride}')
-  if 0 in size:
+  offset = check_int(context, offset, 'a storage offset')
+  size = check_shape(context, size, 'a tensor size')
+  if type(stride) is not tuple or len(stride) != len(size):
+    raise context.refuse(f'tensor stride {describe(stride)} does not match its size {size}')
+  stride = tuple(check_int(context, s, 'a tensor stride', -(1 << 48), 1 << 48) for s in stride)
+  numel = 1
+  for n in size:
+    numel *= n
+  if numel == 0:
     return np.zeros(size, flat.dtype)
-  # Bounds first: as_strided would otherwise read outside the storage.
-  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= flat.size:
-    raise ValueError(f'tensor view (offset {offset}, size {size}, stride {stride}) reaches past its '
-                     f'storage of {flat.size} elements')
-  if stride == _contiguous_strides(size):
-    return flat[offset:offset + math.prod(size)].reshape(size)
-  view = np.lib.stride_tricks.as_strided(
-      flat[offset:], size, tuple(s * flat.itemsize for s in stride), writeable=False)
-  return view.copy()
+  extent, contiguous, step = 1, True, 1
+  for n, s in zip(reversed(size), reversed(stride)):
+    if n == 1:
+      continue
+    if s < 1:
+      raise context.refuse(f'tensor view (size {size}, stride {stride}) has a zero or negative stride: '
+                           'broadcast and reversed views are not read')
+    extent += (n - 1) * s
+    contiguous &= s == step
+    step *= n
+  if offset + extent > flat.size:
+    raise context.refuse(f'tensor view (offset {offset}, size {size}, stride {stride}) reaches past its '
+                         f'storage of {flat.size} elements')
+  if numel > extent:
+    raise context.refuse(f'tensor view (size {size}, stride {stride}) overlaps itself')
+  if contiguous and flat.dtype != np.bool_:
+    return flat[offset:offset + numel].reshape(size)
+  context.budget.charge(numel * flat.itemsize, f'a strided tensor of {numel} elements')
+  element_strides = [s if n > 1 else 0 for n, s in zip(size, stride)]
+  source = np.lib.stride_tricks.as_strided(
+      flat[offset:], size, tuple(s * flat.itemsize for s in element_strides), writeable=False)
+  out = np.empty(size, flat.dtype)
+  if storage.pending is not None:
+    storage.pending.append((out, source))  # legacy stream: the bytes are not read yet
+  else:
+    _copy_tensor(out, source)
+  return out
 
 
-def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Optional[np.ndarray]:
-  return _tensor_from_storage(storage, storage_offset, size, stride)
+def _check_metadata(context: Context, metadata: Any) -> None:
+  if metadata is not None and not (isinstance(metadata, dict) and not metadata):
+    raise context.refuse('tensor metadata (lazy conjugate/negative views) is not supported')
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, metadata: Any = None) -> Optional[np.ndarray]:
+def _rebuild_tensor(context: Context, storage: Any, storage_offset: Any, size: Any, stride: Any) -> np.ndarray:
+  return _tensor_from_storage(context, storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor_v2(context: Context, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                       requires_grad: Any, backward_hooks: Any, metadata: Any = None) -> np.ndarray:
   del requires_grad, backward_hooks  # autograd bookkeeping has no numpy counterpart
-  if metadata:
-    raise ValueError(f'tensor metadata {metadata!r} (lazy conjugate/negative views) is not supported')
-  return _tensor_from_storage(storage, storage_offset, size, stride)
+  _check_metadata(context, metadata)
+  return _tensor_from_storage(context, storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
-                       backward_hooks: Any, dtype: Any, metadata: Any = None) -> Optional[np.ndarray]:
+def _rebuild_tensor_v3(context: Context, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                       requires_grad: Any, backward_hooks: Any, dtype: Any, metadata: Any = None) -> np.ndarray:
   del requires_grad, backward_hooks
-  if metadata:
-    raise ValueError(f'tensor metadata {metadata!r} (lazy conjugate/negative views) is not supported')
+  _check_metadata(context, metadata)
   if not isinstance(dtype, TorchDtype):
-    raise ValueError(f'tensor dtype {dtype!r} is not a torch dtype')
-  return _tensor_from_storage(storage, storage_offset, size, stride, dtype.dtype)
+    raise context.refuse(f'tensor dtype {describe(dtype)} is not a torch dtype')
+  return _tensor_from_storage(context, storage, storage_offset, size, stride, dtype.dtype)
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Any:
-  del requires_grad, backward_hooks
-  return data
-
-
-def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> Any:
+def _rebuild_parameter(context: Context, data: Any, requires_grad: Any, backward_hooks: Any,
+                       state: Any = None) -> np.ndarray:
   del requires_grad, backward_hooks, state  # `state`: Python attributes set on the Parameter object
+  if not isinstance(data, np.ndarray):
+    raise context.refuse(f'a parameter wraps {describe(data)}, not a tensor')
   return data
 
 
-def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
+def _reconstruct_persistent_obj(context: Context, meta: Any) -> PersistentObject:
   """A record of the persistent object instead of exec'ing `meta['module_src']`."""
-  if (not isinstance(meta, dict) or meta.get('type') != 'class'
-      or not isinstance(meta.get('class_name'), str) or not isinstance(meta.get('state'), dict)):
-    keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-    raise ValueError(f'malformed persistent-object record: {keys}')
-  return PersistentObject(meta['class_name'], meta.get('version'), meta.get('module_src'), meta['state'])
+  if (type(meta) is not dict or not is_one_of(meta.get('type'), 'class')
+      or type(meta.get('class_name')) is not str or type(meta.get('state')) is not dict):
+    raise context.refuse(f'malformed persistent-object record ({describe(meta)})')
+  return PersistentObject(meta['class_name'][:200], meta.get('version'), meta.get('module_src'),
+                          meta['state'])
 
 
-def _reconstructor(cls: Any, base: Any, state: Any) -> TorchModule:
+def _reconstructor(context: Context, cls: Any, base: Any, state: Any) -> TorchModule:
   """`copyreg._reconstructor` (protocols 0 and 1), limited to the torch.nn container stubs."""
-  if not (isinstance(cls, type) and issubclass(cls, TorchModule)) or base is not object or state is not None:
-    raise UnsafePickleError(f"refusing 'copyreg._reconstructor' of {cls!r}: only torch.nn container "
-                            'stubs may be reconstructed')
-  return cls()
+  if not _is_container_class(cls) or base is not _OBJECT or state is not None:
+    raise UnsafePickleError(f"refusing 'copyreg._reconstructor' of {describe(cls)} in {context.source}: "
+                            'only torch.nn container stubs may be reconstructed')
+  return cls.new(context)
 
 
-def _torch_size(dims: Any = ()) -> tuple[int, ...]:
-  return tuple(int(n) for n in dims)
+def _torch_size(context: Context, dims: Any = ()) -> tuple[int, ...]:
+  return check_shape(context, dims, 'torch.Size')
 
 
-def _torch_device(kind: Any, index: Any = None) -> str:
+def _torch_device(context: Context, kind: Any, index: Any = None) -> str:
   """`torch.device` as its string form, e.g. 'cuda:0'."""
-  if not isinstance(kind, str):
-    raise ValueError(f'torch.device of a {type(kind).__name__}')
-  return kind if index is None else f'{kind}:{int(index)}'
+  if type(kind) is not str or len(kind) > 32:
+    raise context.refuse(f'torch.device of {describe(kind)}')
+  return kind if index is None else f'{kind}:{check_int(context, index, "a device index", 0, 1 << 16)}'
 
 
-_STAND_INS: dict[str, Any] = {
-    'torch_utils.persistence._reconstruct_persistent_obj': _reconstruct_persistent_obj,
-    'torch._utils._rebuild_tensor': _rebuild_tensor,
-    'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
-    'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
-    'torch._utils._rebuild_parameter': _rebuild_parameter,
-    'torch._utils._rebuild_parameter_with_state': _rebuild_parameter_with_state,
-    **{f'torch.{name}': _StorageType(name, np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()},
-    'torch.storage.UntypedStorage': _StorageType('UntypedStorage', np.dtype(np.uint8)),
-    **{f'torch.{name}': TorchDtype(name, np.dtype(dtype)) for name, dtype in _TORCH_DTYPES.items()},
-    'torch.Size': _torch_size,
-    'torch.device': _torch_device,
-    **{f'torch.nn.modules.container.{name}': stub for name, stub in _CONTAINER_STUBS.items()},
-    'dnnlib.util.EasyDict': EasyDict,
-    'copyreg._reconstructor': _reconstructor,
-    'builtins.object': object,  # only useful as copyreg._reconstructor's base
+def _getattr(context: Context, owner: Any, name: Any, *default: Any) -> BoundMethodRef:
+  """`builtins.getattr`, tolerated only as a bound-method reference on a snapshot module."""
+  if isinstance(owner, _ModuleTree) and type(name) is str and not default:
+    return BoundMethodRef(owner, name)
+  raise UnsafePickleError(
+      f"refusing 'builtins.getattr' on {describe(owner)} in {context.source}: only bound-method "
+      'references on snapshot modules are tolerated')
+
+
+def _load_from_bytes(context: Context, blob: Any) -> _Storage:
+  """`torch.storage._load_from_bytes`: a storage saved as a nested legacy `torch.save` stream."""
+  if not isinstance(blob, (bytes, memoryview)):
+    raise context.refuse(f'storage blob is {describe(blob)}, not bytes')
+  cached = context.blobs.get(id(blob))
+  if cached is not None and cached[0] is blob:
+    return cached[1]  # the same blob object (a memo reference) is decoded once
+  if context.blob_depth >= _MAX_BLOB_DEPTH:
+    raise context.refuse('a storage blob inside a storage blob')
+  inner = TorchContext(f'{context.source} (storage blob)', context.budget, context.blob_depth + 1)
+  storage, _ = _read_legacy(bytes(blob), 0, inner)
+  if not isinstance(storage, _Storage):
+    raise context.refuse(f'storage blob holds {describe(storage)}, not a storage')
+  context.blobs[id(blob)] = (blob, storage)
+  return storage
+
+
+def _is_container_class(value: Any) -> bool:
+  return isinstance(value, Class) and value in _CONTAINER_CLASSES
+
+
+_OBJECT = Marker('builtins.object')
+_CONTAINER_CLASSES = {Class(f'torch.nn.modules.container.{name}', lambda context, stub=stub: stub())
+                      for name, stub in _CONTAINER_STUBS.items()}
+
+GLOBALS: dict[str, Any] = {
+    **pickle_lib.PLAIN_GLOBALS,
+    **pickle_lib.functions({
+        'torch_utils.persistence._reconstruct_persistent_obj': _reconstruct_persistent_obj,
+        'torch._utils._rebuild_tensor': _rebuild_tensor,
+        'torch._utils._rebuild_tensor_v2': _rebuild_tensor_v2,
+        'torch._utils._rebuild_tensor_v3': _rebuild_tensor_v3,
+        'torch._utils._rebuild_parameter': _rebuild_parameter,
+        'torch._utils._rebuild_parameter_with_state': _rebuild_parameter,
+        'torch.storage._load_from_bytes': _load_from_bytes,
+        'torch.Size': _torch_size,
+        'torch.device': _torch_device,
+        'copyreg._reconstructor': _reconstructor,
+        'builtins.getattr': _getattr,
+    }),
+    **{f'torch.{name}': StorageType(f'torch.{name}', np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()},
+    'torch.storage.UntypedStorage': StorageType('torch.storage.UntypedStorage', np.dtype(np.uint8)),
+    **{f'torch.{name}': TorchDtype(f'torch.{name}', np.dtype(dtype)) for name, dtype in _TORCH_DTYPES.items()},
+    **{cls.name: cls for cls in _CONTAINER_CLASSES},
+    'dnnlib.util.EasyDict': Class('dnnlib.util.EasyDict', lambda context: EasyDict()),
+    'builtins.object': _OBJECT,  # only as copyreg._reconstructor's base
 }
-# What a torch pickle may name: the stand-ins above and those of plain Python and numpy values.
-GLOBALS = {**pickle_lib.read_only(_STAND_INS), **pickle_lib.PLAIN_GLOBALS}
-# Stand-ins that need the reader's context; see TorchUnpickler.
-_CONTEXT_GLOBALS = ('torch.storage._load_from_bytes', 'builtins.getattr')
-ALLOWED_GLOBALS = frozenset(GLOBALS) | frozenset(_CONTEXT_GLOBALS)
+# What a torch pickle may name.
+ALLOWED_GLOBALS = frozenset(GLOBALS)
 
 
-class TorchUnpickler(pickle_lib.AllowListUnpickler):
-  """Resolves globals from `GLOBALS` only; `load_storage` answers torch's persistent ids."""
+# ----------------------------------------------------------------------------------------------------
+# torch.save containers.
 
-  def __init__(self, file: BinaryIO, source: str,
-               load_storage: Optional[Callable[[Any], Any]] = None):
-    super().__init__(file, source, GLOBALS, load_storage)
 
-  def find_global(self, dotted: str) -> Any:
-    if dotted == 'torch.storage._load_from_bytes':
-      return ReadOnlyFunction(self._load_from_bytes)
-    if dotted == 'builtins.getattr':
-      return ReadOnlyFunction(self._getattr)
-    return super().find_global(dotted)
+def _load(data: bytes, start: int, context: Context, table: Optional[dict] = None) -> tuple[Any, int]:
+  return pickle_lib.load(data, GLOBALS if table is None else table, context, start)
 
-  def _load_from_bytes(self, blob: Any) -> _Storage:
-    """`torch.storage._load_from_bytes`: a storage saved as a nested legacy `torch.save` stream."""
-    if not isinstance(blob, bytes):
-      raise ValueError(f'{self.source}: storage blob is a {type(blob).__name__}, not bytes')
-    storage = _read_legacy(io.BytesIO(blob), f'{self.source} (storage blob)')
-    if not isinstance(storage, _Storage):
-      raise ValueError(f'{self.source}: storage blob holds a {type(storage).__name__}, not a storage')
+
+def _is_legacy_magic(value: Any) -> bool:
+  return type(value) is int and value == _LEGACY_MAGIC
+
+
+def _read_legacy(data: bytes, start: int, context: TorchContext) -> tuple[Any, int]:
+  """A legacy `torch.save` stream: magic, version, sys info, the pickle, storage keys, then the bytes.
+
+  One pass: the persistent ids of the pickle give each storage's dtype and size, so its array is
+  allocated (within the bytes that remain) while the pickle is read, and filled once the bytes come.
+  """
+  try:
+    magic, pos = _load(data, start, context, {})
+  except UnsafePickleError as error:
+    raise context.refuse(f'not a torch.save file (no legacy magic number): {error}') from None
+  if not _is_legacy_magic(magic):
+    raise context.refuse('not a torch.save file (no legacy magic number)')
+  version, pos = _load(data, pos, context, {})
+  if not (type(version) is int and version == _LEGACY_PROTOCOL):
+    raise context.refuse(f'legacy torch.save version {describe(version)}, expected {_LEGACY_PROTOCOL}')
+  sys_info, pos = _load(data, pos, context, {})
+  if not (type(sys_info) is dict and sys_info.get('little_endian') is True):
+    raise context.refuse('only little-endian torch.save files are supported')
+
+  storages: dict[str, _Storage] = {}
+  room = [len(data) - pos]  # bytes that may still back storages
+
+  def load_storage(pid: Any) -> _Storage:
+    key, dtype, numel = _parse_storage_pid(context, pid)
+    storage = storages.get(key)
+    if storage is None:
+      nbytes = numel * dtype.itemsize
+      if nbytes + 8 > room[0]:  # refuse before allocating
+        raise context.refuse(f'truncated: storage {key!r} needs {nbytes} bytes, the file has {room[0]} left')
+      room[0] -= nbytes + 8
+      storage = storages[key] = _new_storage(context, key, dtype, numel, [])
+    elif storage.array.dtype != dtype or storage.array.size != numel:
+      raise context.refuse(f'storage {key!r} is named with two different types or sizes')
     return storage
 
-  def _getattr(self, owner: Any, name: Any, *default: Any) -> BoundMethodRef:
-    """`builtins.getattr`, tolerated only as a bound-method reference on a snapshot module."""
-    if isinstance(owner, _ModuleTree) and isinstance(name, str) and not default:
-      return BoundMethodRef(owner, name)
-    raise UnsafePickleError(
-        f"refusing 'builtins.getattr' on a {type(owner).__name__} in {self.source}: only bound-method "
-        'references on snapshot modules are tolerated')
+  context.storage_loader = load_storage
+  result, pos = _load(data, pos, context)
+  context.storage_loader = None
+  keys, pos = _load(data, pos, context, {})
+  if not (type(keys) is list and all(type(key) is str for key in keys)
+          and len(keys) == len(storages) and set(keys) == set(storages)):
+    raise context.refuse('storage key list does not match the storages the pickle uses')
+  for key in keys:
+    storage = storages[key]
+    if pos + 8 > len(data):
+      raise context.refuse(f'truncated: storage {key!r} has no size header')
+    numel = int(np.frombuffer(data, '<i8', 1, pos)[0])
+    if numel != storage.array.size:
+      raise context.refuse(f'storage {key!r} holds {numel} elements, the pickle says {storage.array.size}')
+    pos += 8
+    if pos + storage.array.nbytes > len(data):
+      raise context.refuse(f'truncated: storage data of {key!r} ends past the end of the file')
+    _fill_storage(storage, memoryview(data)[pos:pos + storage.array.nbytes])
+    pos += storage.array.nbytes
+  return result, pos
 
 
-def _parse_storage_pid(pid: Any, source: str) -> tuple[str, np.dtype, int]:
-  """(key, element dtype, element count) of ('storage', type, key, location, numel[, view])."""
-  if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == 'storage'):
-    raise ValueError(f'{source}: unsupported persistent id of type {type(pid).__name__}')
-  storage_type, key, _, numel = pid[1:5]
-  if not isinstance(storage_type, _StorageType):
-    raise ValueError(f'{source}: persistent id names {storage_type!r}, not a storage type')
-  if len(pid) == 6 and pid[5] is not None:
-    raise ValueError(f'{source}: storage views (torch < 1.0 files) are not supported')
-  if int(numel) < 0:
-    raise ValueError(f'{source}: storage {key!r} has negative size {numel}')
-  return str(key), storage_type.dtype, int(numel)
+class _BoundedFile:
+  """A read-only view of `size` bytes of a seekable file: reads never ask for more than is there
+  (zipfile would otherwise allocate what a crafted directory record announces)."""
+
+  def __init__(self, file: BinaryIO, size: int):
+    self.file, self.start, self.size = file, file.tell(), size
+    self.name = getattr(file, 'name', None)
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return self.file.tell() - self.start
+
+  def seek(self, offset: int, whence: int = 0) -> int:
+    base = {0: 0, 1: self.tell(), 2: self.size}[whence]
+    target = min(base + offset, self.size)
+    if target < 0:
+      raise ValueError('seek before the start of the file')
+    self.file.seek(self.start + target)
+    return target
+
+  def read(self, n: Optional[int] = -1) -> bytes:
+    left = max(self.size - self.tell(), 0)
+    return self.file.read(left if n is None or n < 0 else min(n, left))
 
 
-def _read_bytes(file: BinaryIO, nbytes: int, source: str) -> np.ndarray:
-  """Exactly `nbytes` from `file` into a fresh writable uint8 array."""
+def _read_record(context: Context, archive: zipfile.ZipFile, name: str, nbytes: int) -> np.ndarray:
+  """The `nbytes` of zip record `name` in a fresh uint8 array (charged to the budget first)."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise context.refuse(f'record {name} is missing') from None
+  if info.file_size != nbytes:
+    raise context.refuse(f'record {name} holds {info.file_size} bytes, expected {nbytes}')
+  if info.flag_bits & 1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    raise context.refuse(f'record {name} is encrypted or compressed with an unsupported method')
+  if info.file_size > _ZIP_MAX_RATIO * info.compress_size + 1024:
+    raise context.refuse(f'record {name} claims {info.file_size} bytes from {info.compress_size} '
+                         f'(more than {_ZIP_MAX_RATIO}:1)')
+  context.budget.charge(nbytes, f'record {name} of {nbytes} bytes')
   buffer = np.empty(nbytes, np.uint8)
-  view, done = memoryview(buffer), 0
-  while done < nbytes:
-    count = file.readinto(view[done:])
-    if not count:
-      raise ValueError(f'{source}: truncated, storage data ends after {done} of {nbytes} bytes')
-    done += count
+  done = 0
+  with archive.open(info) as data:
+    while done < nbytes:
+      chunk = data.read(min(nbytes - done, 1 << 24))
+      if not chunk:
+        raise context.refuse(f'truncated: record {name} ends after {done} of {nbytes} bytes')
+      buffer[done:done + len(chunk)] = np.frombuffer(chunk, np.uint8)
+      done += len(chunk)
   return buffer
 
 
-def _read_legacy(file: BinaryIO, source: str) -> Any:
-  """A legacy `torch.save` stream: magic, version, sys info, the pickle, storage keys, then the bytes.
+def _zip_directory_size(file: _BoundedFile) -> int:
+  """The central-directory size an archive's end record declares (zip64 included), read before
+  zipfile builds a record per entry in it; 0 when there is no end record (zipfile then refuses)."""
+  tail_size = min(file.size, 22 + (1 << 16))
+  file.seek(file.size - tail_size)
+  tail = file.read(tail_size)
+  at = tail.rfind(b'PK\x05\x06')
+  if at < 0 or at + 22 > len(tail):
+    return 0
+  size = int.from_bytes(tail[at + 12:at + 16], 'little')
+  locator = at - 20
+  if locator >= 0 and tail[locator:locator + 4] == b'PK\x06\x07':
+    file.seek(int.from_bytes(tail[locator + 8:locator + 16], 'little'))
+    record = file.read(56)
+    if record[:4] == b'PK\x06\x06' and len(record) == 56:
+      size = max(size, int.from_bytes(record[40:48], 'little'))
+  file.seek(0)
+  return size
 
-  The bytes follow the pickle and only its persistent ids say how wide each element is, so the pickle
-  is read twice: once to learn the storages, then again with them filled in.
+
+def _read_zip(file: BinaryIO, context: TorchContext) -> Any:
+  """A zip-format `torch.save` file: `<archive>/data.pkl`, one raw `<archive>/data/<key>` per storage.
+
+  Record names are only looked up, never used as paths; sizes come from the pickle's persistent ids
+  and must equal the sizes the archive declares.
   """
-  def load_plain() -> Any:
-    return TorchUnpickler(file, source).load()
-
-  magic = load_plain()
-  if not (isinstance(magic, int) and magic == _LEGACY_MAGIC):
-    raise ValueError(f'{source} is not a torch.save file (no legacy magic number)')
-  version = load_plain()
-  if version != _LEGACY_PROTOCOL:
-    raise ValueError(f'{source}: legacy torch.save version {version!r}, expected {_LEGACY_PROTOCOL}')
-  sys_info = load_plain()
-  if not (isinstance(sys_info, dict) and sys_info.get('little_endian')):
-    raise ValueError(f'{source}: only little-endian torch.save files are supported')
-
-  layouts = {}
-
-  def learn_storage(pid: Any) -> Any:
-    if isinstance(pid, tuple) and pid[:1] == ('module',):
-      return pid[1]  # ('module', class, source file, source): the class itself, already allow-listed
-    key, dtype, numel = _parse_storage_pid(pid, source)
-    layouts.setdefault(key, (dtype, numel))
-    return _Storage(None)
-
-  start = file.tell()
-  file_size = file.seek(0, io.SEEK_END)
-  file.seek(start)
-  TorchUnpickler(file, source, learn_storage).load()
-  keys = load_plain()
-  if not (isinstance(keys, list) and set(keys) == set(layouts)):
-    raise ValueError(f'{source}: storage key list does not match the storages the pickle uses')
-  storages = {}
-  for key in keys:
-    dtype, numel = layouts[key]
-    header = int(_read_bytes(file, 8, source).view('<i8')[0])
-    if header != numel:
-      raise ValueError(f'{source}: storage {key!r} holds {header} elements, the pickle says {numel}')
-    nbytes = numel * dtype.itemsize
-    if file.tell() + nbytes > file_size:  # refuse before allocating
-      raise ValueError(f'{source}: truncated, storage {key!r} needs {nbytes} bytes past the end')
-    storages[key] = _Storage(_read_bytes(file, nbytes, source).view(dtype))
-  end = file.tell()
-
-  def load_storage(pid: Any) -> Any:
-    if isinstance(pid, tuple) and pid[:1] == ('module',):
-      return pid[1]
-    return storages[_parse_storage_pid(pid, source)[0]]
-
-  file.seek(start)
-  result = TorchUnpickler(file, source, load_storage).load()
-  file.seek(end)
-  return result
-
-
-def _read_zip(file: BinaryIO, source: str) -> Any:
-  """A zip-format `torch.save` file: `<archive>/data.pkl`, one raw `<archive>/data/<key>` per storage."""
-  with zipfile.ZipFile(file) as archive:
-    names = archive.namelist()
-    pickles = [name for name in names if name.endswith('/data.pkl') and name.count('/') == 1]
+  bounded = _BoundedFile(file, pickle_lib.remaining_size(file))
+  directory = _zip_directory_size(bounded)
+  if directory > _ZIP_MAX_DIRECTORY_BYTES:
+    raise context.refuse(f'the archive declares a central directory of {directory} bytes, more than '
+                         f'{_ZIP_MAX_DIRECTORY_BYTES}')
+  with zipfile.ZipFile(bounded) as archive:
+    infos = {info.filename: info for info in archive.infolist()}
+    pickles = [name for name in infos if name.endswith('/data.pkl') and name.count('/') == 1]
     if len(pickles) != 1:
-      raise ValueError(f'{source}: expected one <archive>/data.pkl, found {len(pickles)}')
+      raise context.refuse(f'expected one <archive>/data.pkl, found {len(pickles)}')
     prefix = pickles[0][:-len('data.pkl')]
-    if prefix + 'byteorder' in names and archive.read(prefix + 'byteorder').strip() != b'little':
-      raise ValueError(f'{source}: only little-endian torch.save files are supported')
-    storages = {}
+    if prefix + 'byteorder' in infos:
+      order = _read_record(context, archive, prefix + 'byteorder', min(infos[prefix + 'byteorder'].file_size, 16))
+      if order.tobytes().strip() != b'little':
+        raise context.refuse('only little-endian torch.save files are supported')
+    data_pkl = _read_record(context, archive, pickles[0], infos[pickles[0]].file_size).tobytes()
+    storages: dict[str, _Storage] = {}
 
     def load_storage(pid: Any) -> _Storage:
-      key, dtype, numel = _parse_storage_pid(pid, source)
-      if key not in storages:  # tensors sharing a storage share its key
-        record = f'{prefix}data/{key}'
-        if record not in names:
-          raise ValueError(f'{source}: storage record {record} is missing')
-        nbytes = numel * dtype.itemsize
-        if archive.getinfo(record).file_size != nbytes:
-          raise ValueError(f'{source}: storage record {record} is not {nbytes} bytes')
-        with archive.open(record) as data:
-          storages[key] = _Storage(_read_bytes(data, nbytes, source).view(dtype))
-      return storages[key]
+      key, dtype, numel = _parse_storage_pid(context, pid)
+      storage = storages.get(key)
+      if storage is None:  # tensors sharing a storage share its key
+        raw = _read_record(context, archive, f'{prefix}data/{key}', numel * dtype.itemsize)
+        storage = storages[key] = _Storage(key, raw.view(dtype), None)
+        if dtype == np.bool_:
+          np.not_equal(raw, 0, out=storage.array)
+      elif storage.array.dtype != dtype or storage.array.size != numel:
+        raise context.refuse(f'storage {key!r} is named with two different types or sizes')
+      return storage
 
-    with archive.open(pickles[0]) as data_pkl:
-      return TorchUnpickler(data_pkl, source, load_storage).load()
+    context.storage_loader = load_storage
+    value, _ = _load(data_pkl, 0, context)
+    return value
 
 
-def read_pickle(path_or_file: PathOrFile, kind: str = 'a pickle') -> Any:
+def _read_all(file: BinaryIO, context: Context) -> bytes:
+  return pickle_lib.read_exactly(file, pickle_lib.remaining_size(file), context.source)
+
+
+def _format_of(file: BinaryIO, context: Context) -> str:
+  """'zip', 'legacy' (torch.save) or 'pickle', from the first bytes of `file` (position kept)."""
+  start = file.tell()
+  head = file.read(64)
+  file.seek(start)
+  if head.startswith(_ZIP_MAGIC):
+    return 'zip'
+  probe = TorchContext(context.source, pickle_lib.Budget(1 << 16, context.source, explicit=True))
+  try:
+    magic, _ = _load(head, 0, probe, {})
+  except UnsafePickleError:
+    return 'pickle'
+  return 'legacy' if _is_legacy_magic(magic) else 'pickle'
+
+
+def read_pickle(path_or_file: PathOrFile, kind: str = 'a pickle', max_bytes: Optional[int] = None) -> Any:
   """The object in a plain pickle of torch objects (no torch.save container), tensors as numpy arrays.
 
   Persistent networks come back as `PersistentObject`s; nothing outside the allow-list
   (`ALLOWED_GLOBALS`) is resolved, and nothing from the file is executed. Raises FileNotFoundError,
-  UnsafePickleError for a disallowed global, ValueError (naming the file as `kind`) for a malformed file.
+  or UnsafePickleError (naming the file as `kind`) for anything refused.
   """
-  return pickle_lib.read_file(path_or_file, lambda file, source: TorchUnpickler(file, source).load(), kind)
+  def reader(file: BinaryIO, context: TorchContext) -> Any:
+    return _load(_read_all(file, context), 0, context)[0]
+
+  return pickle_lib.read_file(path_or_file, reader, kind, max_bytes, TorchContext)
 
 
-def read_torch_file(path_or_file: PathOrFile) -> Any:
+def read_torch_file(path_or_file: PathOrFile, max_bytes: Optional[int] = None) -> Any:
   """The object stored by `torch.save` (zip or legacy format), tensors as numpy arrays.
 
   Used for SiD `training-state-*.pt` files and pytorch-fid's inception `.pth`; same allow-list and
   errors as `read_pickle`. Contiguous tensors that share a storage come back as views of one array,
   as in torch; strided ones as copies.
   """
-  def reader(file: BinaryIO, source: str) -> Any:
-    start = file.tell()
-    is_zip = file.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
-    file.seek(start)
-    return _read_zip(file, source) if is_zip else _read_legacy(file, source)
+  def reader(file: BinaryIO, context: TorchContext) -> Any:
+    if _format_of(file, context) == 'zip':
+      return _read_zip(file, context)
+    return _read_legacy(_read_all(file, context), 0, context)[0]
 
-  return pickle_lib.read_file(path_or_file, reader, 'a torch.save file')
+  return pickle_lib.read_file(path_or_file, reader, 'a torch.save file', max_bytes, TorchContext)
+
+
+def read_any(path_or_file: PathOrFile, kind: str, max_bytes: Optional[int] = None) -> tuple[str, Any]:
+  """(format, object) of a plain pickle or a `torch.save` file, told apart by their first bytes:
+  format is 'pickle', 'zip' or 'legacy'."""
+  def reader(file: BinaryIO, context: TorchContext) -> tuple[str, Any]:
+    form = _format_of(file, context)
+    if form == 'zip':
+      return form, _read_zip(file, context)
+    data = _read_all(file, context)
+    return form, (_read_legacy(data, 0, context) if form == 'legacy' else _load(data, 0, context))[0]
+
+  return pickle_lib.read_file(path_or_file, reader, kind, max_bytes, TorchContext)

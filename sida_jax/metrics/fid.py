@@ -10,15 +10,15 @@ Follows the official protocol (EDM `fid.py`, EDM2 `calculate_metrics.py`, styleg
 Everything here runs on the host in numpy float64: the statistics are tiny compared with the detector
 forward pass, and float64 is what the reference numbers were computed with.
 """
-import io
 import pathlib
-import pickle
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.special
+
+from sida_jax.formats import pickle as pickle_lib
 
 
 def quantize_images(images: jnp.ndarray) -> jnp.ndarray:
@@ -92,33 +92,12 @@ def fid_from_features(features, ref_mu, ref_sigma) -> float:
   return frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
-class _StatsUnpickler(pickle.Unpickler):
-  """Unpickles only plain containers and numpy arrays/scalars: EDM2 reference `.pkl` files need no more."""
-
-  _ALLOWED = {
-      ("collections", "OrderedDict"),
-      ("_codecs", "encode"),  # protocol 2 stores bytes (array data) this way
-      ("numpy", "ndarray"),
-      ("numpy", "dtype"),
-      ("numpy.core.multiarray", "_reconstruct"),
-      ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy.core.multiarray", "scalar"),
-      ("numpy._core.multiarray", "scalar"),
-      ("numpy.core.numeric", "_frombuffer"),
-      ("numpy._core.numeric", "_frombuffer"),
-  }
-
-  def find_class(self, module: str, name: str):
-    if (module, name) not in self._ALLOWED:
-      raise pickle.UnpicklingError(f"reference stats pickle: refusing to load global '{module}.{name}'")
-    return super().find_class(module, name)
-
-
 def load_reference_stats(path, metric: str = "fid") -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) float64 from an EDM reference `.npz` or an EDM2 reference `.pkl`.
 
   EDM's `.npz` holds `mu`, `sigma` (FID only); EDM2's `.pkl` holds {metric: {'mu', 'sigma'}, ...,
-  'num_images'} for metric in ('fid', 'fd_dinov2'). Pickles go through an allow-listed unpickler.
+  'num_images'} for metric in ('fid', 'fd_dinov2'). Pickles go through the project's allow-listed
+  reader (plain values and numeric numpy arrays only); a refused file raises UnsafePickleError.
   """
   path = pathlib.Path(path)
   suffix = path.suffix.lower()
@@ -131,13 +110,15 @@ def load_reference_stats(path, metric: str = "fid") -> tuple[np.ndarray, np.ndar
         raise ValueError(f"load_reference_stats: {path} lacks keys {sorted(missing)}")
       stats = {"mu": data["mu"], "sigma": data["sigma"]}
   elif suffix == ".pkl":
-    stats_by_metric = _StatsUnpickler(io.BytesIO(path.read_bytes())).load()
+    stats_by_metric = pickle_lib.read_pickle(path, "reference statistics")
     if not isinstance(stats_by_metric, dict):
       raise ValueError(f"load_reference_stats: {path} does not hold a dict")
     if metric not in stats_by_metric:
-      known = sorted(k for k in stats_by_metric if k != "num_images")
+      known = sorted((k for k in stats_by_metric if k != "num_images"), key=str)
       raise ValueError(f"load_reference_stats: {path} has no '{metric}' stats (has {known})")
     stats = stats_by_metric[metric]
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), np.ndarray) for k in ("mu", "sigma")):
+      raise ValueError(f"load_reference_stats: {path}['{metric}'] does not hold 'mu' and 'sigma' arrays")
   else:
     raise ValueError(f"load_reference_stats: unknown file type '{path.suffix}' (expected .npz or .pkl)")
   mu, sigma = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)

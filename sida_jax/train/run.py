@@ -158,7 +158,7 @@ def initial_state(run: Run) -> state_lib.DistillState:
   method's own initialiser), EMA = generator."""
   generator = run.teacher.variables
   if run.generator_init:
-    generator = checkpoint.load_network(run.generator_init, dtype=run.dtype).variables
+    generator = checkpoint.load_network(run.generator_init, dtype=run.dtype, like=run.teacher).variables
   critic = run.teacher.variables
   init_critic = getattr(run.method, "init_critic_variables", None)
   if init_critic is not None:
