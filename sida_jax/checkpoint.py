@@ -31,6 +31,7 @@ from sida_jax.models import registry
 
 NETWORK_JSON = "network.json"
 UNREADABLE = "-unreadable"   # suffix of the folder next to `checkpoints` holding set-aside checkpoints
+TMP_MARK = ".orbax-checkpoint-tmp"   # in the name of Orbax's folder for a save in progress
 
 
 class CheckpointError(ValueError):
@@ -41,9 +42,20 @@ def _handlers() -> dict:
   return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
 
+def remove_interrupted_saves(directory: str) -> list:
+  """Deletes the temporary folders (`<step>.orbax-checkpoint-tmp-*`) of saves that never finished."""
+  names = sorted(n for n in os.listdir(directory) if TMP_MARK in n) if os.path.isdir(directory) else []
+  for name in names:
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    logging.info("removed %s, left by an interrupted save", os.path.join(directory, name))
+  return names
+
+
 def manager(directory: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
-  """The writer's manager; opening it removes temporary folders left by an interrupted save."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+  """The writer's manager; opening it removes what interrupted saves left behind (first process only)."""
+  if jax.process_index() == 0:
+    remove_interrupted_saves(directory)
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=_handlers())
 
 
@@ -56,7 +68,7 @@ def _reason(error: BaseException) -> str:
   while (error.__cause__ or error.__context__) is not None:
     error = error.__cause__ or error.__context__
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  text = lines[0] if lines else ""
+  text = (lines[0] if lines else "").split(" [tensorstore_spec=")[0]
   return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
 
 

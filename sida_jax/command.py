@@ -15,6 +15,7 @@ import io
 import logging as std_logging
 import os
 import pickle
+import re
 import sys
 import textwrap
 import tokenize
@@ -75,7 +76,8 @@ def recipes() -> list:
       except Exception:  # pylint: disable=broad-except  (a broken config file must not break --help)
         continue
       doc = (module.__doc__ or "").strip().splitlines()
-      out.append((stem, tuple(getattr(module, "VARIANTS", ())), doc[0].rstrip(". :") if doc else ""))
+      what = re.sub(r"[.:]?\s*(Usage)?:?$", "", doc[0]) if doc else ""   # "… teachers. Usage:" → "… teachers"
+      out.append((stem, tuple(getattr(module, "VARIANTS", ())), what))
   return out
 
 
@@ -235,12 +237,14 @@ def _unknown_key(config, key: str) -> Optional[str]:
 
 
 def _config_arg(argv: Sequence[str]) -> Optional[str]:
+  """The value of the last --config (the one absl keeps)."""
+  found = None
   for i, arg in enumerate(argv):
     if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith("--config="):
-      return arg[len("--config="):]
-  return None
+      found = argv[i + 1]
+    elif arg.startswith("--config="):
+      found = arg[len("--config="):]
+  return found
 
 
 def load_config(config_arg: str):
@@ -294,11 +298,22 @@ class _ProjectLogs:
     return record.levelno >= std_logging.WARNING and not any(q in record.pathname for q in self.QUIET)
 
 
+def _quiet_unraisable(default_hook):
+  """TensorStore reports each failed read of an unreadable checkpoint once more, as a traceback from a callback
+  into Orbax's already closed event loop (after the restore has failed and the fallback has said so)."""
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    default_hook(unraisable)
+  return hook
+
+
 def setup_logging(debug: bool) -> None:
   logging.use_absl_handler()
   logging.set_verbosity(logging.DEBUG if debug else logging.INFO)
   if not debug:
     logging.get_absl_handler().addFilter(_ProjectLogs())
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
 
 # --- main ----------------------------------------------------------------------------------------------------
