@@ -133,7 +133,8 @@ def test_periodic_evaluation_without_detector_weights_is_skipped_with_one_warnin
   with caplog.at_level(logging.WARNING):
     cli.run("train", config, str(tmp_path))
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-  assert len(warnings) == 1 and "--config.eval.detector_path=" in warnings[0] and "--config.eval.ref_stats=" in warnings[0]
+  assert len(warnings) == 1
+  assert "--config.eval.detector_path=" in warnings[0] and "--config.eval.ref_stats=" in warnings[0]
   assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "eval_history.jsonl").exists()
   with pytest.raises(FileNotFoundError, match="config.eval.detector_path: file not found"):
     cli.run("train", _config(**{"eval_every_kimg": 0.008, "eval.detector": "inception",

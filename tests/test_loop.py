@@ -151,6 +151,13 @@ def test_an_unreadable_newest_checkpoint_is_set_aside_and_the_run_retrains_from_
   assert meta["step"] == 8
 
 
+@pytest.mark.parametrize("minutes,kept", [(0.0, ["4"]), (1e-9, ["3", "4"])])
+def test_checkpoints_by_wall_clock_minutes(tmp_path, minutes, kept):
+  config = _config(total_kimg=4 * 8 / 1000, checkpoint_every_kimg=1.0, checkpoint_every_minutes=minutes)
+  loop.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == kept   # max_to_keep 2
+
+
 def test_a_new_batch_size_continues_from_the_same_image_count(tmp_path):
   """4 steps of 8 images, then 16 per step: 32 images in, EMA ramp-up and totals follow the image count."""
   workdir = str(tmp_path / "w")
