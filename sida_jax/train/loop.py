@@ -188,6 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_lib.DistillState:
   is_main = jax.process_index() == 0
+  logging.info("%s on %d %s device(s), %d process(es); workdir %s", config.method, jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), workdir)
   writer = tensorboard.SummaryWriter(workdir, enabled=is_main)
   mesh = step_lib.make_mesh()
   train_step = step_lib.make_train_step(run.spec, mesh)
