@@ -1,7 +1,7 @@
 """sida_jax command line: python main.py --config configs/X.py[:VARIANT] --workdir DIR [--mode M] [--config.a.b=v].
 
 The flags are declared here, one line each; `sida_jax/command.py` parses them, prints --help, and runs the mode
-(`sida_jax/cli.py`). A mode is added to command.MODES and cli.run.
+(`sida_jax/cli.py`). A mode is an entry in command.MODES (its help line) and in cli.MODES (its function).
 """
 import sys
 

@@ -355,9 +355,9 @@ def main(argv: Sequence[str]) -> int:
     return fail("--workdir is required")
   setup_logging(FLAGS.debug)
   try:
-    if FLAGS.mode in LOCKING_MODES:   # refuse a busy workdir before the slow imports (the run locks it itself)
-      from sida_jax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-      workdir_lib.check_free(FLAGS.workdir)
+    from sida_jax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+    if FLAGS.mode in LOCKING_MODES and not workdir_lib.multi_process_environment():
+      workdir_lib.check_free(FLAGS.workdir)   # a busy workdir is refused before the slow imports
     from sida_jax import cli  # pylint: disable=import-outside-toplevel
     from sida_jax.train import preemption  # pylint: disable=import-outside-toplevel
     try:

@@ -138,10 +138,7 @@ def progress_bar(total_kimg: float, start_kimg: float, desc: str):
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when a multi-process environment is configured."""
-  env = os.environ
-  multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-           or "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if multi and not jax.distributed.is_initialized():
+  if workdir_lib.multi_process_environment() and not jax.distributed.is_initialized():
     jax.distributed.initialize()
 
 
@@ -149,6 +146,19 @@ def place_state(state, mesh: jax.sharding.Mesh):
   """The train state laid out on `mesh` (replicated over its devices). Checkpoints are restored into the
   shardings this gives, whatever device count they were written on."""
   return jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def restore_newest(mngr, target) -> tuple:
+  """(state, meta) of the newest readable checkpoint, laid out like `target`; the unreadable newer ones are set
+  aside (by process 0, the others wait and re-list), so that training from there can write those steps again."""
+  state, meta = checkpoint.restore(mngr, target)
+  if jax.process_index() == 0:
+    checkpoint.set_aside_newer(mngr, int(meta["step"]))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    mngr.reload()
+  return state, meta
 
 
 def continue_with_batch(state: state_lib.DistillState, saved_batch: int, batch: int) -> state_lib.DistillState:
@@ -200,9 +210,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
   best = {"fid": float("inf")}
   evaluation_due = False   # an evaluation skipped by a stop signal, made up on the resume
   if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    if is_main:
-      checkpoint.set_aside_newer(mngr, int(meta["step"]))
+    state, meta = restore_newest(mngr, state)
     state = place_state(continue_with_batch(state, int(meta.get("batch_size", batch)), batch), mesh)
     best["fid"] = meta.get("best_fid") or float("inf")
     evaluation_due = bool(meta.get("evaluation_due"))

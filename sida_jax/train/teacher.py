@@ -114,9 +114,7 @@ def _train(config, workdir, stop_after_steps, stop) -> TeacherState:
   ckpt_dir = os.path.join(workdir, "checkpoints")
   mngr = checkpoint.manager(ckpt_dir, config.max_to_keep)
   if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    if is_main:
-      checkpoint.set_aside_newer(mngr, int(meta["step"]))
+    state, meta = loop.restore_newest(mngr, state)
     logging.info("resumed teacher training from %s/%d", ckpt_dir, int(meta["step"]))
   writer = tensorboard.SummaryWriter(workdir, enabled=is_main)
   train_step = make_teacher_step(config, denoiser, tx, mesh)

@@ -122,6 +122,13 @@ def lock(workdir: str, enabled: bool = True, quiet: bool = False) -> Iterator[No
     os.close(fd)   # releases the flock
 
 
+def multi_process_environment() -> bool:
+  """Whether the environment configures a multi-process JAX run (then process 0 alone holds the lock)."""
+  env = os.environ
+  return ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
 def check_free(workdir: str) -> None:
   """Raises WorkdirInUse when a live run holds the workdir now (a quick look for the command line, before the
   slow imports; the run itself takes the lock with `lock`)."""
