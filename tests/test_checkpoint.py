@@ -11,6 +11,10 @@ import pytest
 
 from sida_jax import checkpoint
 
+# TensorStore reports each failed read of a damaged checkpoint once more, from a callback into Orbax's closed
+# event loop, as an unraisable "Event loop is closed" (main.py keeps it off stderr).
+pytestmark = pytest.mark.filterwarnings("ignore:Exception ignored in:pytest.PytestUnraisableExceptionWarning")
+
 
 def _state(seed=0):
   rng = np.random.default_rng(seed)

@@ -248,7 +248,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
     evaluate(start)
     evaluation_due = False
   t_last, step_last = time.time(), start
-  t_start = t_saved = time.time()
+  t_start, t_saved = time.time(), time.monotonic()
   stopped = preemption.agree(stop, False)[0]
   bar = progress_bar(config.total_kimg, images(start) / 1000, config.method)
   try:
@@ -256,7 +256,8 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
       state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
       done, before, after = step + 1, images(step), images(step + 1)
       bar.update(batch / 1000)
-      stopped, timed = preemption.agree(stop, 0 < config.checkpoint_every_minutes * 60 <= time.time() - t_saved)
+      due = 0 < config.checkpoint_every_minutes * 60 <= time.monotonic() - t_saved
+      stopped, timed = preemption.agree(stop, due)
       if crosses(config.log_every_kimg, before, after) or done == end or stopped:
         metrics = jax.device_get(metrics)
         now = time.time()
@@ -279,7 +280,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
           evaluate(done)
       if crosses(config.checkpoint_every_kimg, before, after) or done == end or timed or stopped:
         save(done)
-        t_saved = time.time()
+        t_saved = time.monotonic()
       if stopped:
         break
   finally:

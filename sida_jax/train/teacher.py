@@ -129,7 +129,7 @@ def _train(config, workdir, stop_after_steps, stop) -> TeacherState:
                        process_count=jax.process_count())
   label_dim = denoiser.label_dim
   t0, last = time.time(), start
-  t_saved = time.time()
+  t_saved = time.monotonic()
   stopped = preemption.agree(stop, False)[0]
   bar = loop.progress_bar(config.total_kimg, start * batch / 1000, "teacher")
   try:
@@ -140,7 +140,8 @@ def _train(config, workdir, stop_after_steps, stop) -> TeacherState:
       state, metrics = train_step(state, images, labels if label_dim else None)
       done = step + 1
       bar.update(batch / 1000)
-      stopped, timed = preemption.agree(stop, 0 < config.checkpoint_every_minutes * 60 <= time.time() - t_saved)
+      due = 0 < config.checkpoint_every_minutes * 60 <= time.monotonic() - t_saved
+      stopped, timed = preemption.agree(stop, due)
       if loop.crosses_kimg(config.log_every_kimg, step, batch) or done == end or stopped:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         rate = (done - last) * batch / 1000 / max(time.time() - t0, 1e-9)
@@ -152,7 +153,7 @@ def _train(config, workdir, stop_after_steps, stop) -> TeacherState:
       if loop.crosses_kimg(config.checkpoint_every_kimg, step, batch) or done == end or timed or stopped:
         checkpoint.save(mngr, done, state, {"step": done, "kimg": done * batch / 1000, "batch_size": batch,
                                             "data_position": done})
-        t_saved = time.time()
+        t_saved = time.monotonic()
       if stopped:
         break
   finally:
