@@ -48,7 +48,8 @@ def test_bad_data_shape_is_a_clear_error(tmp_path):
 
 def test_a_resumed_teacher_refuses_another_batch_size_before_writing(tmp_path):
   config = _config(2 * 16 / 1000)
-  teacher.train_teacher(config, str(tmp_path))
+  workdir_lib.record(str(tmp_path), config)             # a workdir trained with batch 16 (its checkpoint is
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # not read: the refusal comes first)
   before = (tmp_path / "config.json").read_bytes()
   config.batch_size = 32
   config.total_kimg = 0.064
