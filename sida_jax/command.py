@@ -343,11 +343,9 @@ def main(argv: Sequence[str]) -> int:
     return fail(f"unexpected arguments: {' '.join(rest[1:])} (options are --name=value; see --help)")
   config = FLAGS.config
   if FLAGS.mode == "keys":
-    base = None
     if config is None:
-      base = importlib.import_module("configs.base")
-    sys.stdout.write(keys_text(config if config is not None else base.get_config(),
-                               _config_arg(argv) and _config_arg(argv).split(":", 1)[0]))
+      config = importlib.import_module("configs.base").get_config()
+    sys.stdout.write(keys_text(config, config_arg and config_arg.split(":", 1)[0]))
     return 0
   if config is None:
     return fail("--config is required (e.g. --config configs/smoke.py; --help lists the recipes)")
