@@ -1,37 +1,19 @@
-"""sida_jax command line: python main.py --config configs/X.py --workdir DIR [--mode M] [--config.a.b=v]."""
-import logging as std_logging
-import os
+"""sida_jax command line: python main.py --config configs/X.py[:VARIANT] --workdir DIR [--mode M] [--config.a.b=v].
 
-from absl import app
+The flags are declared here, one line each; `sida_jax/command.py` parses them, prints --help, and runs the mode
+(`sida_jax/cli.py`). A mode is an entry in command.MODES (its help line) and in cli.MODES (its function).
+"""
+import sys
+
 from absl import flags
-from absl import logging
-import jax
 from ml_collections import config_flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from sida_jax import command
 
-FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "train", list(command.MODES), "What to do (the modes are listed above).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and converted networks.")
-flags.DEFINE_enum("mode", "train", ["train", "teacher", "sample", "eval", "convert", "ref", "pipeline"], "What to do.")
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-class _QuietLibraries:
-  """Keeps checkpointing chatter (Orbax logs every file operation at INFO) out of the progress log."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
-def main(argv):
-  logging.get_absl_logger().addFilter(_QuietLibraries())
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from sida_jax import cli  # after flag parsing, so --help stays fast
-  logging.info("JAX devices: %s", jax.devices())
-  cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
-
+flags.DEFINE_bool("debug", False, "Tracebacks for every error, and the libraries' logs.")
+config_flags.DEFINE_config_file("config", None, "A configs/*.py file, with :VARIANT for recipes.", lock_config=True)
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(command.main(sys.argv))

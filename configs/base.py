@@ -106,8 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Bookkeeping (in thousands of generated images, like the official loops).
   c.log_every_kimg = 10.0
   c.checkpoint_every_kimg = 500.0
+  c.checkpoint_every_minutes = 30.0   # also by wall-clock time (0 = off); SIGTERM/SIGINT always save
   c.grid_every_kimg = 500.0
-  c.eval_every_kimg = 0.0      # 0: no periodic evaluation
+  c.eval_every_kimg = 0.0      # 0: no periodic evaluation (skipped with a warning without eval.detector_path)
   c.max_to_keep = 3
 
   # Sampling (`--mode sample`): EDM-style seeds, so image i never depends on batch size or devices.

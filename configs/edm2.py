@@ -19,6 +19,7 @@ METHOD_OF = {"sid": "sid", "sida": "sida", "sid2a": "sida"}
 KIMG = {"sid": {"xs": 200, "s": 200, "m": 200, "l": 200, "xl": 200, "xxl": 100},
         "sida": {"xs": 200, "s": 200, "m": 200, "l": 200, "xl": 200, "xxl": 100},
         "sid2a": {"xs": 30, "s": 80, "m": 200, "l": 55, "xl": 50, "xxl": 30}}
+VARIANTS = tuple(f"{size},{variant}" for size in TEACHERS for variant in KIMG)
 
 
 def get_config(arg: str = "xs,sid"):

@@ -2,18 +2,26 @@
 
 Layout of a workdir:
   checkpoints/<step>/{state,meta}   the whole DistillState (atomic: Orbax writes to a temporary folder and
-                                    renames it on success) and a JSON with step, kimg and data position
+                                    renames it on success) and a JSON with step, kimg, image count and batch
+  checkpoints-unreadable/<step>     checkpoints found unreadable on a resume, set aside (never deleted)
   best/<step>/...                   the EMA generator with the best evaluation metric so far
   network.json                      class name and constructor kwargs of the generator's architecture
 A converted network (`main.py --mode convert`) is a folder with `network.json` and `params/` (Orbax).
 Resume order: a workdir checkpoint, else the configured teacher / generator init (`load_network`).
+
+Restores read the newest checkpoint that can be read: an unreadable one (a truncated or missing file, a
+structure that does not match) is named in one warning and the previous one is tried; only when none can be
+read is it an error (`CheckpointError`). Arrays are always restored with shardings built on the current
+devices (never the ones recorded at save time), so a checkpoint written on 8 devices restores on 1.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any, Callable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -22,39 +30,116 @@ from sida_jax.formats import snapshot
 from sida_jax.models import registry
 
 NETWORK_JSON = "network.json"
+UNREADABLE = "-unreadable"   # suffix of the folder next to `checkpoints` holding set-aside checkpoints
+TMP_MARK = ".orbax-checkpoint-tmp"   # in the name of Orbax's folder for a save in progress
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of a folder can be read."""
+
+
+def _handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def remove_interrupted_saves(directory: str) -> list:
+  """Deletes the temporary folders (`<step>.orbax-checkpoint-tmp-*`) of saves that never finished."""
+  names = sorted(n for n in os.listdir(directory) if TMP_MARK in n) if os.path.isdir(directory) else []
+  for name in names:
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    logging.info("removed %s, left by an interrupted save", os.path.join(directory, name))
+  return names
 
 
 def manager(directory: str, max_to_keep: Optional[int] = None) -> ocp.CheckpointManager:
+  """The writer's manager; opening it removes what interrupted saves left behind (first process only)."""
+  if jax.process_index() == 0:
+    remove_interrupted_saves(directory)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=_handlers())
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
 
+def _reason(error: BaseException) -> str:
+  """The first line of the error's root cause (TensorStore wraps the useful part), short enough for one line."""
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = (lines[0] if lines else "").split(" [tensorstore_spec=")[0]
+  return f"{type(error).__name__}: {text[:200]}{'…' if len(text) > 200 else ''}"
+
+
+def _newest_readable(mngr: ocp.CheckpointManager, read: Callable[[int], Any], step: Optional[int]) -> Any:
+  """read(step) of `step`, or of the newest step that can be read (one warning per unreadable one)."""
+  directory = str(mngr.directory)
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  failures = []
+  for s in steps:
+    try:
+      return read(s)
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read means: try the previous one)
+      failures.append(f"{os.path.join(directory, str(s))} ({_reason(e)})")
+      if s != steps[-1]:
+        logging.warning("checkpoint %s cannot be read (%s); falling back to the previous one",
+                        os.path.join(directory, str(s)), _reason(e))
+  raise CheckpointError(f"no readable checkpoint in {directory}: {failures[0]}"
+                        + (f" and {len(failures) - 1} older" if len(failures) > 1 else ""))
+
+
 def restore(mngr: ocp.CheckpointManager, target: Any, step: Optional[int] = None) -> tuple:
-  """(state, meta) of `step` (default: the latest), laid out like `target` (which may be abstract)."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {mngr.directory}")
+  """(state, meta) of `step` (default: the newest readable), laid out like `target` (concrete or abstract
+  arrays; their shardings are the ones restored into)."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   meta=ocp.args.JsonRestore()))
-  return out.state, out.meta
+
+  def read(s):
+    out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                  meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+  return _newest_readable(mngr, read, step)
 
 
-def restore_raw(directory: str, step: Optional[int] = None) -> tuple:
-  """(state as nested dicts, meta) without knowing the state's structure — for sampling and evaluation."""
+def set_aside_newer(mngr: ocp.CheckpointManager, step: int) -> list:
+  """Moves the checkpoints after `step` (found unreadable) to `<directory>-unreadable/`, so that training
+  from `step` can write those steps again. Returns the steps moved."""
+  directory = str(mngr.directory)
+  newer = sorted(s for s in mngr.all_steps() if s > step)
+  for s in newer:
+    target = os.path.join(directory + UNREADABLE, str(s))
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.makedirs(directory + UNREADABLE, exist_ok=True)
+    os.replace(os.path.join(directory, str(s)), target)
+    logging.warning("set aside unreadable checkpoint %s in %s", s, directory + UNREADABLE)
+  if newer:
+    mngr.reload()
+  return newer
+
+
+def restore_raw(directory: str, step: Optional[int] = None, sharding: Optional[jax.sharding.Sharding] = None
+                ) -> tuple:
+  """(state as nested dicts, meta) of the newest readable checkpoint (or `step`) without knowing the state's
+  structure — for sampling and evaluation. Arrays land on `sharding` (default: this process's first device)
+  whatever the device count they were saved from."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint folder not found: {directory}")
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                   meta=ocp.args.JsonRestore()))
-  return out.state, out.meta
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
+                               item_handlers=_handlers())
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def read(s):
+    saved = mngr.item_metadata(s)["state"]
+    if saved is None:
+      raise FileNotFoundError(f"no state metadata in {os.path.join(directory, str(s))}")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved.tree)
+    out = mngr.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                  meta=ocp.args.JsonRestore()))
+    return out.state, out.meta
+  return _newest_readable(mngr, read, step)
 
 
 def write_json(path: str, data: dict) -> None:

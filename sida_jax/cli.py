@@ -1,4 +1,5 @@
-"""The modes of main.py: train | sample | eval | convert | ref. This is the only I/O-heavy layer."""
+"""The modes of main.py (`sida_jax/command.py` parses the command line and runs them through `run`): train |
+teacher | pipeline | sample | eval | convert | ref. This is the only I/O-heavy layer."""
 from __future__ import annotations
 
 import os
@@ -17,39 +18,49 @@ from sida_jax.models.registry import denoiser_for
 from sida_jax.train import loop
 from sida_jax.train import run as run_lib
 
-MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")
-
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}")
   if not workdir:
     raise ValueError("--workdir is required")
-  {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate, "convert": convert_network, "ref": reference}[mode](
-      config, workdir)
+  MODES[mode](config, workdir)
 
 
 def _periodic_evaluator(config):
-  """evaluate_fn(run, ema_variables) -> results, for train_and_evaluate."""
-  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
-  reference_cache = {}
+  """evaluate_fn(run, ema_variables) -> results for train_and_evaluate, or None: periodic evaluation off, or
+  impossible without the detector's files (one warning; a distillation never fails for lack of them). The
+  detector and reference statistics load at the first evaluation; a named file that is missing fails now."""
+  if config.eval_every_kimg <= 0:
+    return None
+  e = config.eval
+  if e.detector == "inception" and not (e.detector_path and e.ref_stats):
+    logging.warning("periodic evaluation (eval_every_kimg=%g) is off: the Inception FID needs the detector "
+                    "weights --config.eval.detector_path=pt_inception-2015-12-05-6726825d.pth and reference "
+                    "statistics --config.eval.ref_stats=FILE.npz", config.eval_every_kimg)
+    return None
+  for key in ("detector_path", "ref_stats"):
+    if e[key] and not os.path.exists(e[key]):
+      raise FileNotFoundError(f"config.eval.{key}: file not found: {e[key]}")
+  loaded = {}
 
   def evaluate_fn(run, ema_variables):
     res = run.image_shape[0]
-    if res not in reference_cache:
-      reference_cache[res] = evaluation.reference_statistics(detector, config.eval.ref_stats, res)
+    if "detector" not in loaded:
+      loaded["detector"] = evaluation.make_detector(e.detector, e.detector_path)
+    detector = loaded["detector"]
+    if res not in loaded:
+      loaded[res] = evaluation.reference_statistics(detector, e.ref_stats, res)
     generate = run.generate
     return evaluation.evaluate(lambda z, y: generate(ema_variables, z, y), run.image_shape,
-                               run.nets.generator.label_dim, detector, reference_cache[res],
-                               config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
-                               config.eval.inception_score, rng=config.sample.rng)
+                               run.nets.generator.label_dim, detector, loaded[res], e.num_images, e.batch_size,
+                               e.seed_offset, e.inception_score, rng=config.sample.rng)
   return evaluate_fn
 
 
 def train(config, workdir):
   method_lib.check_recipe_method(config)   # before any file is read
-  evaluate_fn = _periodic_evaluator(config) if config.eval_every_kimg > 0 else None
-  loop.train_and_evaluate(config, workdir, evaluate_fn=evaluate_fn)
+  loop.train_and_evaluate(config, workdir, evaluate_fn=_periodic_evaluator(config))
 
 
 def train_teacher(config, workdir):
@@ -159,73 +170,115 @@ def reference(config, workdir):
 
 
 def pipeline(config, workdir):
-  """The MNIST demo (configs/mnist.py): teacher → Heun FID-proxy → each method → plot and summary."""
+  """The MNIST demo (configs/mnist.py): teacher → Heun FID-proxy → each method → plot and summary.
+
+  Every stage resumes, and continues when its config grew (a larger total_kimg). When the teacher trains
+  further, what was computed from the old one is stale: its FID-proxy is recomputed and each method's workdir
+  is moved to `<method>.stale` and distilled again from the new teacher.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
   import time  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import preemption  # pylint: disable=import-outside-toplevel
   from sida_jax.train import teacher as teacher_lib  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
   methods = [m.strip() for m in config.methods.split(",") if m.strip()]
   for m in methods:
     if m not in config:
       raise ValueError(f"config.methods names {m!r} but the config has no {m!r} section")
-  os.makedirs(workdir, exist_ok=True)
-  summary_path = os.path.join(workdir, "summary.json")
-  summary = checkpoint.read_json(summary_path) if os.path.isfile(summary_path) else {}
+  with workdir_lib.lock(workdir), preemption.stop_signals() as stop:
 
-  # 1. Teacher.
-  teacher_dir = os.path.join(workdir, "teacher")
-  if "teacher" not in summary:
+    def between_stages(done: str):
+      if stop.requested:
+        raise preemption.Interrupted(stop.signum, f"stopped by {stop.name} after {done}; run the same command "
+                                     "to continue")
+
+    summary_path = os.path.join(workdir, "summary.json")
+    summary = checkpoint.read_json(summary_path) if os.path.isfile(summary_path) else {}
+
+    def set_aside(m: str, why: str):
+      m_dir = os.path.join(workdir, m)
+      if os.path.isdir(m_dir):
+        if os.path.isdir(m_dir + ".stale"):
+          shutil.rmtree(m_dir + ".stale")
+        os.replace(m_dir, m_dir + ".stale")
+        logging.warning("%s: %s; moved to %s.stale, distilling again", m_dir, why, m_dir)
+      summary.pop(m, None)
+
+    # 1. Teacher: trained (further) to config.teacher.total_kimg.
+    teacher_dir = os.path.join(workdir, "teacher")
     t0 = time.time()
-    teacher_lib.train_teacher(config.teacher, teacher_dir)
-    summary["teacher"] = {"kimg": config.teacher.total_kimg, "train_seconds": time.time() - t0}
-    checkpoint.write_json(summary_path, summary)
-  network_dir = os.path.join(teacher_dir, "network")
+    teacher_state = teacher_lib.train_teacher(config.teacher, teacher_dir)
+    teacher_steps = int(jax.device_get(teacher_state.step))
+    previous = summary.get("teacher", {})
+    # Summaries written before steps were recorded hold the teacher's total_kimg.
+    previous_steps = previous.get("steps", int(np.ceil(previous.get("kimg", 0) * 1000 / config.teacher.batch_size)))
+    if not previous or previous_steps != teacher_steps:
+      if previous:
+        for m in sorted(set(methods) | {k for k in summary if k != "teacher"}):
+          set_aside(m, f"distilled from the teacher at step {previous_steps}, which now trained to {teacher_steps}")
+      summary["teacher"] = {"kimg": teacher_steps * config.teacher.batch_size / 1000, "steps": teacher_steps,
+                            "train_seconds": previous.get("train_seconds", 0.0) + time.time() - t0}
+      checkpoint.write_json(summary_path, summary)
+    network_dir = os.path.join(teacher_dir, "network")
+    between_stages("the teacher")
 
-  # 2. The teacher's own FID-proxy with EDM's Heun sampler.
-  if "fid" not in summary["teacher"]:
-    t_config = config.teacher.copy_and_resolve_references()
-    with t_config.unlocked():
-      t_config.teacher = network_dir
-      t_config.sample.teacher_steps = config.teacher_heun_steps
-    t0 = time.time()
-    generate, image_shape, label_dim, _ = _generator(t_config, teacher_dir)
-    detector = evaluation.make_detector(t_config.eval.detector, t_config.eval.detector_path)
-    reference = evaluation.reference_statistics(detector, t_config.eval.ref_stats, image_shape[0])
-    results = evaluation.evaluate(generate, image_shape, label_dim, detector, reference,
-                                  t_config.eval.num_images, t_config.eval.batch_size, inception_score=False,
-                                  rng=t_config.sample.rng)
-    summary["teacher"].update(fid=float(results["fid"]), nfe=2 * config.teacher_heun_steps - 1,
-                              eval_seconds=time.time() - t0)
-    images = np.concatenate(list(evaluation.generated_batches(generate, list(range(64)), image_shape,
-                                                              label_dim, 64, t_config.sample.rng)))
-    _save_grid(os.path.join(workdir, "grid_teacher.png"), images)
-    checkpoint.write_json(summary_path, summary)
+    # 2. The teacher's own FID-proxy with EDM's Heun sampler.
+    if "fid" not in summary["teacher"]:
+      t_config = config.teacher.copy_and_resolve_references()
+      with t_config.unlocked():
+        t_config.teacher = network_dir
+        t_config.sample.teacher_steps = config.teacher_heun_steps
+      t0 = time.time()
+      generate, image_shape, label_dim, _ = _generator(t_config, teacher_dir)
+      detector = evaluation.make_detector(t_config.eval.detector, t_config.eval.detector_path)
+      reference = evaluation.reference_statistics(detector, t_config.eval.ref_stats, image_shape[0])
+      results = evaluation.evaluate(generate, image_shape, label_dim, detector, reference,
+                                    t_config.eval.num_images, t_config.eval.batch_size, inception_score=False,
+                                    rng=t_config.sample.rng)
+      summary["teacher"].update(fid=float(results["fid"]), nfe=2 * config.teacher_heun_steps - 1,
+                                eval_seconds=time.time() - t0)
+      images = np.concatenate(list(evaluation.generated_batches(generate, list(range(64)), image_shape,
+                                                                label_dim, 64, t_config.sample.rng)))
+      _save_grid(os.path.join(workdir, "grid_teacher.png"), images)
+      checkpoint.write_json(summary_path, summary)
+      between_stages("the teacher's evaluation")
 
-  # 3. Each method, resumable, with its periodic FID-proxy.
-  for m in methods:
-    m_config = config[m].copy_and_resolve_references()
-    with m_config.unlocked():
-      m_config.teacher = network_dir
-    m_dir = os.path.join(workdir, m)
-    t0 = time.time()
-    state = loop.train_and_evaluate(m_config, m_dir, evaluate_fn=_periodic_evaluator(m_config))
-    history = _read_history(os.path.join(m_dir, loop.EVAL_HISTORY))
-    # A re-run continues the method's workdir (e.g. to a larger total_kimg): wall-clock accumulates.
-    previous = summary.get(m, {}).get("train_seconds", 0.0)
-    summary[m] = {"kimg": m_config.total_kimg, "train_seconds": previous + time.time() - t0,
-                  "fid_history": history, "final_fid": history[-1]["fid"] if history else None,
-                  "best_fid": min((h["fid"] for h in history), default=None)}
-    run = run_lib.build_run(m_config)
-    ema = {"params": state.generator_ema, **state.generator.buffers}
-    generate = run.generate
-    images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),
-                                                              list(range(64)), run.image_shape, 0, 64,
-                                                              m_config.sample.rng)))
-    _save_grid(os.path.join(workdir, f"grid_{m}.png"), images)
-    checkpoint.write_json(summary_path, summary)
+    # 3. Each method, resumable, with its periodic FID-proxy.
+    for m in methods:
+      m_config = config[m].copy_and_resolve_references()
+      with m_config.unlocked():
+        m_config.teacher = network_dir
+      m_dir = os.path.join(workdir, m)
+      if summary.get(m, {}).get("teacher_steps", teacher_steps) != teacher_steps:
+        set_aside(m, "distilled from an older teacher")
+      summary.setdefault(m, {})["teacher_steps"] = teacher_steps
+      checkpoint.write_json(summary_path, summary)
+      t0 = time.time()
+      state = loop.train_and_evaluate(m_config, m_dir, evaluate_fn=_periodic_evaluator(m_config))
+      history = _read_history(os.path.join(m_dir, loop.EVAL_HISTORY))
+      # A re-run continues the method's workdir (e.g. to a larger total_kimg): wall-clock accumulates.
+      previous = summary[m].get("train_seconds", 0.0)
+      summary[m].update({"kimg": m_config.total_kimg, "train_seconds": previous + time.time() - t0,
+                         "fid_history": history, "final_fid": history[-1]["fid"] if history else None,
+                         "best_fid": min((h["fid"] for h in history), default=None)})
+      run = run_lib.build_run(m_config)
+      ema = {"params": state.generator_ema, **state.generator.buffers}
+      generate = run.generate
+      images = np.concatenate(list(evaluation.generated_batches(lambda z, y: generate(ema, z, y),
+                                                                list(range(64)), run.image_shape, 0, 64,
+                                                                m_config.sample.rng)))
+      _save_grid(os.path.join(workdir, f"grid_{m}.png"), images)
+      checkpoint.write_json(summary_path, summary)
+      between_stages(m)
 
-  _plot(os.path.join(workdir, "fid_vs_kimg.png"), summary, methods)
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(_summary_table(summary, methods))
-  logging.info("MNIST demo done:\n%s", _summary_table(summary, methods))
+    _plot(os.path.join(workdir, "fid_vs_kimg.png"), summary, methods)
+    with open(os.path.join(workdir, "summary.md"), "w") as f:
+      f.write(_summary_table(summary, methods))
+    logging.info("MNIST demo done:\n%s", _summary_table(summary, methods))
+
+
+MODES = {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate,
+         "convert": convert_network, "ref": reference}
 
 
 def _read_history(path: str) -> list:
@@ -275,7 +328,7 @@ def _summary_table(summary: dict, methods: list) -> str:
           f"{t.get('kimg', '')} | {t.get('train_seconds', 0):.0f} train + {t.get('eval_seconds', 0):.0f} sample/eval |"]
   for m in methods:
     s = summary.get(m, {})
-    if s:
+    if s.get("final_fid") is not None:
       rows.append(f"| {m} (one step) | 1 | {s['final_fid']:.3f} (best {s['best_fid']:.3f}) | {s['kimg']} | "
                   f"{s['train_seconds']:.0f} |")
   return "\n".join(rows) + "\n"

@@ -129,15 +129,16 @@ class Dataset:
     return np.where(self._flip[items][:, None, None, None], images[:, :, ::-1], images)
 
   def batch_items(self, batch_index: int, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> np.ndarray:
+                  process_count: int = 1, offset: int = 0) -> np.ndarray:
     """Item indices of this process's slice of global batch `batch_index`.
 
-    Global sample k (k = batch_index * batch_size + offset) is item `perm_e[k % n]` of epoch
-    e = k // n, where perm_e is a permutation seeded by (seed, e).
+    Global sample k (k = offset + batch_index * batch_size + i) is item `perm_e[k % n]` of epoch
+    e = k // n, where perm_e is a permutation seeded by (seed, e). `offset` (samples consumed before batch 0)
+    lets a run continue the same sample stream with another batch size.
     """
     local_size = _local_batch_size(batch_size, process_index, process_count)
     n = self.num_images
-    start = batch_index * batch_size + process_index * local_size
+    start = offset + batch_index * batch_size + process_index * local_size
     samples = np.arange(start, start + local_size, dtype=np.int64)
     epochs = samples // n
     items = np.empty_like(samples)
@@ -147,17 +148,18 @@ class Dataset:
     return items
 
   def iterate(self, batch_size: int, seed: int, position: int = 0, process_index: int = 0,
-              process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+              process_count: int = 1, offset: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches {'images': [b, H, W, C], 'labels': [b, L]}, b = batch_size / process_count.
 
-    `position` is the number of global batches already consumed: resuming there yields exactly the
-    batches an uninterrupted run would have seen next. Labels-only datasets yield only 'labels'.
+    `position` is the number of global batches already consumed (after `offset` samples, see
+    `batch_items`): resuming there yields exactly the batches an uninterrupted run would have seen next.
+    Labels-only datasets yield only 'labels'.
     """
-    if position < 0:
-      raise ValueError(f'{self.name}: position must be >= 0, got {position}')
+    if position < 0 or offset < 0:
+      raise ValueError(f'{self.name}: position and offset must be >= 0, got {position}, {offset}')
     batch_index = position
     while True:
-      items = self.batch_items(batch_index, batch_size, seed, process_index, process_count)
+      items = self.batch_items(batch_index, batch_size, seed, process_index, process_count, offset)
       batch = {'labels': self.labels(items)}
       if self.has_images:
         batch['images'] = self.images(items)

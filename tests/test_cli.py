@@ -1,5 +1,7 @@
-"""cli (the modes of main.py), in process: convert, sample, eval and ref on small networks and data."""
+"""cli (the modes of main.py), in process: convert, sample, eval and ref on small networks and data; periodic
+evaluation without detector files; the pipeline continuing a grown teacher and redistilling from it."""
 import json
+import logging
 import pathlib
 import sys
 
@@ -9,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from sida_jax import cli, sampling
+from sida_jax import checkpoint, cli, sampling
 from sida_jax.checkpoint import load_network
 from sida_jax.formats import safetensors
 from sida_jax.metrics import fid, mnist_features
@@ -17,7 +19,7 @@ from sida_jax.models import load_snapshot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from configs import smoke  # noqa: E402
+from configs import mnist, smoke  # noqa: E402
 
 
 def _config(**overrides):
@@ -124,3 +126,61 @@ def test_ref_statistics_of_mnist5k(tmp_path):
   np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="config.data.source"):
     cli.run("ref", _config(), str(tmp_path))
+
+
+def test_periodic_evaluation_without_detector_weights_is_skipped_with_one_warning(tmp_path, caplog):
+  config = _config(**{"eval_every_kimg": 0.008, "eval.detector": "inception"})
+  with caplog.at_level(logging.WARNING):
+    cli.run("train", config, str(tmp_path))
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1
+  assert "--config.eval.detector_path=" in warnings[0] and "--config.eval.ref_stats=" in warnings[0]
+  assert (tmp_path / "checkpoints" / "2").is_dir() and not (tmp_path / "eval_history.jsonl").exists()
+  with pytest.raises(FileNotFoundError, match="config.eval.detector_path: file not found"):
+    cli.run("train", _config(**{"eval_every_kimg": 0.008, "eval.detector": "inception",
+                                "eval.detector_path": str(tmp_path / "no.pth"), "eval.ref_stats": "x.npz"}),
+            str(tmp_path / "other"))
+
+
+def _pipeline_config(teacher_steps: int):
+  """configs/mnist.py shrunk: the toy MLP denoiser as teacher on scikit-learn's 8×8 digits, SiD only, 32-image
+  FID-proxies."""
+  c = mnist.get_config()
+  c.methods = "sid"
+  c.teacher_heun_steps = 2
+  t = c.teacher
+  t.network.class_name = "ToyPrecond"
+  t.network.kwargs = dict(img_resolution=8, img_channels=1, label_dim=0, features=[32, 32], dropout=0.0)
+  t.data.source = "digits"
+  t.data.resolution = 8
+  t.batch_size = 16
+  t.total_kimg = teacher_steps * 16 / 1000
+  t.log_every_kimg = t.checkpoint_every_kimg = 0.064
+  t.eval.num_images, t.eval.batch_size = 32, 16
+  s = c.sid
+  s.batch_size = 8
+  s.total_kimg = s.eval_every_kimg = s.log_every_kimg = s.checkpoint_every_kimg = s.grid_every_kimg = 0.016
+  s.eval.num_images, s.eval.batch_size = 32, 16
+  return c
+
+
+def test_pipeline_trains_a_grown_teacher_further_and_redistils_from_it(tmp_path):
+  cli.run("pipeline", _pipeline_config(teacher_steps=4), str(tmp_path))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["teacher"]["steps"] == 4 and summary["sid"]["teacher_steps"] == 4
+  first_network = load_network(str(tmp_path / "teacher" / "network"))
+  first_sid = (tmp_path / "sid" / "checkpoints" / "2").stat().st_mtime_ns
+  cli.run("pipeline", _pipeline_config(teacher_steps=8), str(tmp_path))
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["teacher"]["steps"] == 8 and summary["sid"]["teacher_steps"] == 8
+  assert np.isfinite(summary["teacher"]["fid"]) and len(summary["sid"]["fid_history"]) == 1
+  teacher_meta = json.loads((tmp_path / "teacher" / "checkpoints" / "8" / "meta" / "metadata").read_text())
+  assert teacher_meta["step"] == 8
+  raw, _ = checkpoint.restore_raw(str(tmp_path / "teacher" / "checkpoints"))
+  network = load_network(str(tmp_path / "teacher" / "network"))
+  for a, b in zip(jax.tree.leaves(network.params), jax.tree.leaves(raw["ema"])):   # the grown teacher is the one
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))                  # distilled from now
+  assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(network.params), jax.tree.leaves(first_network.params)))
+  assert (tmp_path / "sid.stale" / "checkpoints" / "2").stat().st_mtime_ns == first_sid   # set aside, kept
+  assert (tmp_path / "sid" / "checkpoints" / "2").stat().st_mtime_ns > first_sid          # distilled again

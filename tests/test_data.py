@@ -217,6 +217,18 @@ def test_resume_yields_the_uninterrupted_batches(digits, position):
     np.testing.assert_array_equal(a['labels'], b['labels'])
 
 
+def test_an_offset_continues_the_sample_stream_with_another_batch_size(digits):
+  """Batches of 100 after 1,750 samples (straddling the epoch at 1,797) are the stream's samples 1,750 on,
+  here read as batches of 50; processes split them as usual."""
+  stream = np.concatenate([b['labels'] for b in _take(digits.iterate(50, seed=4), 41)])
+  resumed = _take(digits.iterate(100, seed=4, position=1, offset=1650), 2)
+  np.testing.assert_array_equal(np.concatenate([b['labels'] for b in resumed]), stream[1750:1950])
+  shard = next(digits.iterate(100, seed=4, position=1, offset=1650, process_index=1, process_count=2))
+  np.testing.assert_array_equal(shard['images'], resumed[0]['images'][50:])
+  with pytest.raises(ValueError, match='offset must be >= 0'):
+    next(digits.iterate(100, seed=4, offset=-1))
+
+
 def test_processes_get_disjoint_slices_of_the_global_batch(digits):
   whole = _take(digits.iterate(64, seed=2, position=27), 2)
   shards = [_take(digits.iterate(64, seed=2, position=27, process_index=p, process_count=4), 2)

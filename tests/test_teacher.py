@@ -1,4 +1,4 @@
-"""EDM teacher training: resumable, writes a loadable network, and learns (loss goes down)."""
+"""EDM teacher training: resumable, writes a loadable network, refuses a new batch size on a resume."""
 import sys
 import pathlib
 
@@ -7,6 +7,7 @@ import numpy as np
 
 from sida_jax.checkpoint import load_network
 from sida_jax.train import teacher
+from sida_jax.train import workdir as workdir_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import mnist_teacher  # noqa: E402
@@ -43,3 +44,16 @@ def test_bad_data_shape_is_a_clear_error(tmp_path):
   import pytest
   with pytest.raises(ValueError, match="expects"):
     teacher.train_teacher(config, str(tmp_path))
+
+
+def test_a_resumed_teacher_refuses_another_batch_size_before_writing(tmp_path):
+  config = _config(2 * 16 / 1000)
+  workdir_lib.record(str(tmp_path), config)             # a workdir trained with batch 16 (its checkpoint is
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)  # not read: the refusal comes first)
+  before = (tmp_path / "config.json").read_bytes()
+  config.batch_size = 32
+  config.total_kimg = 0.064
+  import pytest
+  with pytest.raises(workdir_lib.ConfigMismatch, match="batch_size 16 → 32"):
+    teacher.train_teacher(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == before

@@ -1,6 +1,9 @@
 """train_and_evaluate: the loop over the shared step, with logging, checkpoints and periodic evaluation.
 
-The run it executes (teacher, networks, method, data, step specification) is assembled by `run.py`.
+The run it executes (teacher, networks, method, data, step specification) is assembled by `run.py`. Progress
+is counted in images (a resume with another batch size continues from the same kimg); checkpoints are written
+every `checkpoint_every_kimg`, every `checkpoint_every_minutes` of wall-clock time, at the end, and on SIGTERM /
+SIGINT (`preemption.py`); the workdir is locked and a resumed config is checked first (`workdir.py`).
 """
 from __future__ import annotations
 
@@ -11,16 +14,18 @@ import time
 from typing import Iterator, Optional
 
 from absl import logging
-from clu import metric_writers
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from sida_jax import checkpoint, data as data_lib, sampling
+from sida_jax.train import preemption
 from sida_jax.train import run as run_lib
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
+from sida_jax.train import tensorboard
+from sida_jax.train import workdir as workdir_lib
 
 EVAL_HISTORY = "eval_history.jsonl"   # one JSON line per periodic evaluation
 
@@ -42,7 +47,9 @@ class Batches:
     rows = labels[self.process_index * self.local:(self.process_index + 1) * self.local]
     return {"labels": np.eye(label_dim, dtype=np.float32)[rows]}
 
-  def iterate(self, start_step: int) -> Iterator[dict]:
+  def iterate(self, start_step: int, step_base: int = 0, nimg_base: int = 0) -> Iterator[dict]:
+    """Batches from iteration `start_step` on. After a batch-size change at iteration `step_base` (`nimg_base`
+    images earlier), the sample stream continues where the old batch size left it (2 batches per iteration)."""
     dataset = self.run.dataset
     if dataset is None:
       step = start_step
@@ -51,10 +58,11 @@ class Batches:
         step += 1
     keep_images = self.run.method.uses_real_images
     if keep_images:
-      it = dataset.iterate(self.run.batch_size, self.run.seed, position=2 * start_step,
-                           process_index=self.process_index, process_count=self.process_count)
-    else:
-      it = self._loader_labels(dataset, 2 * start_step)   # same order as the loader, no image decoding
+      it = dataset.iterate(self.run.batch_size, self.run.seed, position=2 * (start_step - step_base),
+                           process_index=self.process_index, process_count=self.process_count,
+                           offset=2 * nimg_base)
+    else:   # same order as the loader, no image decoding
+      it = self._loader_labels(dataset, 2 * (start_step - step_base), 2 * nimg_base)
     label_dim = self.run.nets.generator.label_dim
     latents = dataset.name == "edm2_latents"
 
@@ -78,11 +86,11 @@ class Batches:
       yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
       step += 1
 
-  def _loader_labels(self, dataset, position: int) -> Iterator[dict]:
+  def _loader_labels(self, dataset, position: int, offset: int) -> Iterator[dict]:
     """The loader's labels in the loader's order (data-free SiD uses only these)."""
     while True:
       items = dataset.batch_items(position, self.run.batch_size, self.run.seed,
-                                  self.process_index, self.process_count)
+                                  self.process_index, self.process_count, offset)
       yield {"labels": dataset.labels(items)}
       position += 1
 
@@ -106,12 +114,17 @@ def image_grid(images: np.ndarray) -> np.ndarray:
   return grid
 
 
-def crosses_kimg(kimg_every: float, step: int, batch: int) -> bool:
-  """True on the step that crosses a multiple of `kimg_every` thousand images."""
+def crosses(kimg_every: float, nimg_before: int, nimg_after: int) -> bool:
+  """True when the image count passes a multiple of `kimg_every` thousand images in (before, after]."""
   if kimg_every <= 0:
     return False
   every = kimg_every * 1000
-  return math.floor((step + 1) * batch / every) > math.floor(step * batch / every)
+  return math.floor(nimg_after / every) > math.floor(nimg_before / every)
+
+
+def crosses_kimg(kimg_every: float, step: int, batch: int) -> bool:
+  """True on the step that crosses a multiple of `kimg_every` thousand images (a constant batch size)."""
+  return crosses(kimg_every, step * batch, (step + 1) * batch)
 
 
 def progress_bar(total_kimg: float, start_kimg: float, desc: str):
@@ -125,97 +138,164 @@ def progress_bar(total_kimg: float, start_kimg: float, desc: str):
 
 def maybe_initialize_distributed() -> None:
   """jax.distributed.initialize() when a multi-process environment is configured."""
-  env = os.environ
-  multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-           or "," in env.get("TPU_WORKER_HOSTNAMES", "") or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
-  if multi and not jax.distributed.is_initialized():
+  if workdir_lib.multi_process_environment() and not jax.distributed.is_initialized():
     jax.distributed.initialize()
+
+
+def place_state(state, mesh: jax.sharding.Mesh):
+  """The train state laid out on `mesh` (replicated over its devices). Checkpoints are restored into the
+  shardings this gives, whatever device count they were written on."""
+  return jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+def restore_newest(mngr, target) -> tuple:
+  """(state, meta) of the newest readable checkpoint, laid out like `target`; the unreadable newer ones are set
+  aside (by process 0, the others wait and re-list), so that training from there can write those steps again."""
+  state, meta = checkpoint.restore(mngr, target)
+  if jax.process_index() == 0:
+    checkpoint.set_aside_newer(mngr, int(meta["step"]))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    mngr.reload()
+  return state, meta
+
+
+def continue_with_batch(state: state_lib.DistillState, saved_batch: int, batch: int) -> state_lib.DistillState:
+  """A restored state trained with `saved_batch` images per iteration, continued with `batch`: the image count
+  carries over (SiDA's gates, the EMA ramp-up and the data position follow it), the iteration count too."""
+  if saved_batch == batch:
+    return state
+  step = int(jax.device_get(state.step))
+  nimg = int(jax.device_get(state.nimg_base)) + (step - int(jax.device_get(state.step_base))) * saved_batch
+  if nimg >= 2 ** 31:
+    raise ValueError(f"config.batch_size: cannot continue a run at {nimg} images with another batch size")
+  return state.replace(step_base=jnp.asarray(step, jnp.int32), nimg_base=jnp.asarray(nimg, jnp.int32))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        evaluate_fn=None, stop_after_steps: Optional[int] = None) -> state_lib.DistillState:
-  """Trains until config.total_kimg, resuming from the workdir's latest checkpoint if there is one.
+  """Trains until config.total_kimg, resuming from the workdir's newest readable checkpoint if there is one.
 
   `evaluate_fn(run, ema_variables) -> dict` (optional) computes metrics, logged and appended to
   workdir/eval_history.jsonl; the lower `fid` is tracked and the best EMA generator is kept under
   workdir/best. `stop_after_steps` ends early (tests, benchmarks).
+
+  Before anything is loaded or written the config is checked against the workdir's (`workdir.check_resume`)
+  and the workdir is locked. SIGTERM / SIGINT save the step in progress and raise `preemption.Interrupted`.
   """
   maybe_initialize_distributed()
-  run = run_lib.build_run(config)
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    checkpoint.write_json(os.path.join(workdir, checkpoint.NETWORK_JSON),
-                          {"class_name": run.class_name, "init_kwargs": run.train_kwargs,
-                           "init_sigma": run.spec.init_sigma})
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  workdir_lib.check_resume(workdir, config)
+  with workdir_lib.lock(workdir, enabled=is_main), preemption.stop_signals() as stop:
+    run = run_lib.build_run(config)
+    network = {"class_name": run.class_name, "init_kwargs": run.train_kwargs, "init_sigma": run.spec.init_sigma}
+    workdir_lib.check_network(workdir, network)
+    if is_main:
+      workdir_lib.record(workdir, config, network)
+    return _train(config, workdir, run, evaluate_fn, stop_after_steps, stop)
+
+
+def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_lib.DistillState:
+  is_main = jax.process_index() == 0
+  logging.info("%s on %d %s device(s), %d process(es); workdir %s", config.method, jax.device_count(),
+               jax.devices()[0].platform, jax.process_count(), workdir)
+  writer = tensorboard.SummaryWriter(workdir, enabled=is_main)
   mesh = step_lib.make_mesh()
   train_step = step_lib.make_train_step(run.spec, mesh)
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(run_lib.initial_state(run), replicated)
-  best = {"fid": float("inf")}
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    best["fid"] = meta.get("best_fid") or float("inf")
-    logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
-  teacher_variables = jax.device_put(run.teacher.variables, replicated)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  mngr = checkpoint.manager(ckpt_dir, config.max_to_keep)
+  state = place_state(run_lib.initial_state(run), mesh)
   batch = run.batch_size
-  total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
+  best = {"fid": float("inf")}
+  evaluation_due = False   # an evaluation skipped by a stop signal, made up on the resume
+  if mngr.latest_step() is not None:
+    state, meta = restore_newest(mngr, state)
+    state = place_state(continue_with_batch(state, int(meta.get("batch_size", batch)), batch), mesh)
+    best["fid"] = meta.get("best_fid") or float("inf")
+    evaluation_due = bool(meta.get("evaluation_due"))
+    logging.info("resumed from %s/%d (%.3f kimg)", ckpt_dir, int(meta["step"]),
+                 float(jax.device_get(state.nimg(batch))) / 1000)
+  teacher_variables = place_state(run.teacher.variables, mesh)
+  step_base, nimg_base = int(state.step_base), int(state.nimg_base)
+  images = lambda step: nimg_base + (step - step_base) * batch   # images seen after `step` iterations
+  total_steps = step_base + int(math.ceil((config.total_kimg * 1000 - nimg_base) / batch))
   start = int(jax.device_get(state.step))
-  end = total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps)
-  batches = Batches(run).iterate(start)
+  end = max(start, total_steps if stop_after_steps is None else min(total_steps, start + stop_after_steps))
+  batches = Batches(run).iterate(start, step_base, nimg_base)
   best_mngr = checkpoint.manager(os.path.join(workdir, "best"), 1) if evaluate_fn else None
 
-  def save(step_done: int):
-    meta = {"step": step_done, "kimg": step_done * batch / 1000, "data_position": 2 * step_done,
-            "best_fid": best["fid"] if math.isfinite(best["fid"]) else None}
-    checkpoint.save(mngr, step_done, state, meta)
+  def evaluate(done: int) -> None:
+    ema_vars = {"params": state.generator_ema, **state.generator.buffers}
+    results = {k: float(v) for k, v in evaluate_fn(run, ema_vars).items()}
+    writer.write_scalars(done, results)
+    if is_main:
+      with open(os.path.join(workdir, EVAL_HISTORY), "a") as f:
+        f.write(json.dumps({"kimg": images(done) / 1000, "step": done, **results}) + "\n")
+    logging.info("evaluation at kimg %.2f: %s", images(done) / 1000, results)
+    if results.get("fid", float("inf")) < best["fid"]:
+      best["fid"] = float(results["fid"])
+      checkpoint.save(best_mngr, done, {"generator_ema": state.generator_ema, "buffers": state.generator.buffers},
+                      {"step": done, "kimg": images(done) / 1000, **results})
 
+  def save(done: int) -> None:
+    meta = {"step": done, "kimg": images(done) / 1000, "nimg": images(done), "batch_size": batch,
+            "data_position": 2 * images(done), "evaluation_due": evaluation_due,
+            "best_fid": best["fid"] if math.isfinite(best["fid"]) else None}
+    checkpoint.save(mngr, done, state, meta)
+
+  if evaluation_due and evaluate_fn is not None and not stop.requested:
+    evaluate(start)
+    evaluation_due = False
   t_last, step_last = time.time(), start
-  t_start = time.time()
-  bar = progress_bar(total_steps * batch / 1000, start * batch / 1000, config.method)
-  for step in range(start, end):
-    state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
-    done = step + 1
-    bar.update(batch / 1000)
-    if crosses_kimg(config.log_every_kimg, step, batch) or done == end:
-      metrics = jax.device_get(metrics)
-      now = time.time()
-      kimg_per_s = (done - step_last) * batch / 1000 / max(now - t_last, 1e-9)
-      scalars = {k: float(v) for k, v in metrics.items()}
-      scalars.update(kimg=done * batch / 1000, kimg_per_s=kimg_per_s)
-      writer.write_scalars(done, scalars)
-      eta = (total_steps - done) * batch / 1000 / max(kimg_per_s, 1e-9)
-      logging.info("kimg %.2f / %.2f  critic %.4g  generator %.4g  %.3f kimg/s  ETA %s",
-                   done * batch / 1000, config.total_kimg, scalars.get("loss_critic", float("nan")),
-                   scalars.get("loss_generator", float("nan")), kimg_per_s, format_eta(eta))
-      t_last, step_last = now, done
-    if crosses_kimg(config.grid_every_kimg, step, batch) or done == end:
-      ema_vars = {"params": state.generator_ema, **state.generator.buffers}
-      writer.write_images(done, {"samples": sample_grid(run, ema_vars)[None]})
-    if evaluate_fn is not None and (crosses_kimg(config.eval_every_kimg, step, batch) or done == end):
-      ema_vars = {"params": state.generator_ema, **state.generator.buffers}
-      results = {k: float(v) for k, v in evaluate_fn(run, ema_vars).items()}
-      writer.write_scalars(done, results)
-      if is_main:
-        with open(os.path.join(workdir, EVAL_HISTORY), "a") as f:
-          f.write(json.dumps({"kimg": done * batch / 1000, "step": done, **results}) + "\n")
-      logging.info("evaluation at kimg %.2f: %s", done * batch / 1000, results)
-      if results.get("fid", float("inf")) < best["fid"]:
-        best["fid"] = float(results["fid"])
-        checkpoint.save(best_mngr, done, {"generator_ema": state.generator_ema,
-                                          "buffers": state.generator.buffers},
-                        {"step": done, "kimg": done * batch / 1000, **{k: float(v) for k, v in results.items()}})
-    if crosses_kimg(config.checkpoint_every_kimg, step, batch) or done == end:
-      save(done)
-  bar.close()
-  mngr.wait_until_finished()
-  if best_mngr is not None:
-    best_mngr.wait_until_finished()
-  writer.flush()
-  logging.info("trained %d steps in %.1f s", end - start, time.time() - t_start)
+  t_start, t_saved = time.time(), time.monotonic()
+  stopped = preemption.agree(stop, False)[0]
+  bar = progress_bar(config.total_kimg, images(start) / 1000, config.method)
+  try:
+    for step in (range(start, end) if not stopped else ()):
+      state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
+      done, before, after = step + 1, images(step), images(step + 1)
+      bar.update(batch / 1000)
+      due = 0 < config.checkpoint_every_minutes * 60 <= time.monotonic() - t_saved
+      stopped, timed = preemption.agree(stop, due)
+      if crosses(config.log_every_kimg, before, after) or done == end or stopped:
+        metrics = jax.device_get(metrics)
+        now = time.time()
+        kimg_per_s = (done - step_last) * batch / 1000 / max(now - t_last, 1e-9)
+        scalars = {k: float(v) for k, v in metrics.items()}
+        scalars.update(kimg=after / 1000, kimg_per_s=kimg_per_s)
+        writer.write_scalars(done, scalars)
+        eta = max(total_steps - done, 0) * batch / 1000 / max(kimg_per_s, 1e-9)
+        logging.info("kimg %.2f / %.2f  critic %.4g  generator %.4g  %.3f kimg/s  ETA %s", after / 1000,
+                     config.total_kimg, scalars.get("loss_critic", float("nan")),
+                     scalars.get("loss_generator", float("nan")), kimg_per_s, format_eta(eta))
+        t_last, step_last = now, done
+      if crosses(config.grid_every_kimg, before, after) or done == end:
+        ema_vars = {"params": state.generator_ema, **state.generator.buffers}
+        writer.write_images(done, {"samples": sample_grid(run, ema_vars)[None]})
+      if evaluate_fn is not None and (crosses(config.eval_every_kimg, before, after) or done == end):
+        if stopped:
+          evaluation_due = True   # exit now; the resumed run evaluates this step first
+        else:
+          evaluate(done)
+      if crosses(config.checkpoint_every_kimg, before, after) or done == end or timed or stopped:
+        save(done)
+        t_saved = time.monotonic()
+      if stopped:
+        break
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+    if best_mngr is not None:
+      best_mngr.wait_until_finished()
+    writer.flush()
+  done = int(jax.device_get(state.step))
+  if stopped and done < end:
+    where = (f"checkpoint {ckpt_dir}/{done} saved" if done > start else
+             f"no step since {ckpt_dir}/{done}" if start else "before the first step, nothing saved")
+    raise preemption.Interrupted(stop.signum, f"stopped by {stop.name} at {images(done) / 1000:.3f} kimg "
+                                 f"(step {done}): {where}; run the same command to continue")
+  logging.info("trained %d steps in %.1f s", done - start, time.time() - t_start)
   return state
 
 

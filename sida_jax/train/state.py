@@ -4,6 +4,7 @@ The teacher is not in here: it is a frozen argument of the step, never donated, 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import flax
@@ -35,10 +36,15 @@ class DistillState:
   generator_ema: Params
   critic: TrainedNetwork  # SiD's fake score network (its encoder is SiDA's discriminator); GDD's discriminator
   nonfinite: dict        # cumulative counts of non-finite gradient elements per network
+  # Progress is counted in images, so a run resumed with another batch size continues from the same kimg:
+  # `step_base` is the iteration at which the current batch size took over, `nimg_base` the images before it
+  # (both 0 unless the batch size changed on a resume).
+  step_base: Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  nimg_base: Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
   def nimg(self, batch_size: int) -> Array:
     """Images generated before the current iteration (float32: exact to 16.7M, ample for thresholds)."""
-    return self.step.astype(jnp.float32) * batch_size
+    return self.nimg_base.astype(jnp.float32) + (self.step - self.step_base).astype(jnp.float32) * batch_size
 
 
 def split_variables(variables: dict) -> tuple:
