@@ -75,9 +75,9 @@ def _input_gradients(logits_fn, x):
 
 
 def _check_against_official(method, discriminator, params, teacher, inputs, gamma, sum_size):
-  fake = discriminator.logits(params, teacher, inputs.x_g, inputs.labels)
-  real = discriminator.logits(params, teacher, inputs.real_images, inputs.labels)
-  grads = _input_gradients(lambda x: discriminator.logits(params, teacher, x, inputs.labels), inputs.real_images)
+  logits_fn = lambda x: discriminator.logits({"params": params}, teacher, x, inputs.labels)[0]
+  fake, real = logits_fn(inputs.x_g), logits_fn(inputs.real_images)
+  grads = _input_gradients(logits_fn, inputs.real_images)
   interval = method.critic_regularizer.interval
   d_ref, g_ref, r1_ref = _official_losses(fake, real, grads, gamma, gain=interval)
   # Official sums run over one GPU's samples; ours are per-device means × gan_sum_size.
@@ -103,8 +103,8 @@ def test_teacher_feature_discriminator_matches_the_official_reduction(label_dim)
   inputs = _critic_inputs(teacher, labels)
   hp = gdd.GDDHyper(feature_sigmas=(0.1, 1.0), r1_gamma=gamma)
   discriminator = gdd.teacher_feature_discriminator(hp, nets)
-  logits = discriminator.logits(heads["params"], teacher, inputs.x_g, labels)
-  assert [l.shape for l in logits] == [(N, 1), (N, 1)]
+  logits, buffers = discriminator.logits(heads, teacher, inputs.x_g, labels)
+  assert [l.shape for l in logits] == [(N, 1), (N, 1)] and buffers == {}
   assert method.generator_first and method.critic_regularizer.interval == 16
   _check_against_official(method, discriminator, heads["params"], teacher, inputs, gamma, sum_size=N)
 
@@ -125,7 +125,7 @@ def test_any_discriminator_is_reduced_the_official_way():
   gamma = 0.3
   heads = TwoNetworkHeads()
   params = heads.init(jax.random.key(7), jnp.zeros((1, *SHAPE)))["params"]
-  discriminator = gdd.Discriminator(logits=lambda p, teacher, x, labels: heads.apply({"params": p}, x),
+  discriminator = gdd.Discriminator(logits=lambda v, teacher, x, labels: (heads.apply(v, x), {}),
                                     init=lambda rng, teacher, shape: heads.init(rng, jnp.zeros((1, *shape))))
   den = toy.toy_denoiser((8,))
   sum_size = 4
@@ -272,7 +272,7 @@ def test_build_run_gives_the_discriminator_the_adjusted_adam():
   sys.path.insert(0, str(REPO))
   from configs import smoke   # pylint: disable=import-outside-toplevel
   from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
-  config = smoke.get_config("toy")
+  config = smoke.get_config("ddpmpp")   # GDD's generator rewraps an EDM U-Net (GDDPrecond)
   config.method = "gdd"
   config.network.kwargs.img_channels = 1
   config.data.source, config.data.resolution = "digits", 16

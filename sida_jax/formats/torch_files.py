@@ -163,6 +163,20 @@ _CONTAINER_STUBS = {
     for name in ('ModuleDict', 'ModuleList', 'Sequential')}
 
 
+# GDD's class-embedding table (`in_embeddings/tf_efficientnet_lite0.pkl`) is a plain pickle of an
+# nn.Embedding written through dill, which spells the type of its empty `_non_persistent_buffers_set` as
+# `dill._dill._load_type('set')`. These two stand-ins admit exactly that and nothing more.
+_EMBEDDING_STUB = ReadOnlyClass('Embedding', (TorchModule,),
+                                {'__slots__': (), 'class_name': 'torch.nn.modules.sparse.Embedding'})
+
+
+def _dill_load_type(name: Any) -> type:
+  """`dill._dill._load_type`, limited to the builtin `set`."""
+  if name != 'set':
+    raise UnsafePickleError(f"refusing 'dill._dill._load_type({name!r})': only 'set' is allowed")
+  return set
+
+
 class BoundMethodRef(ReadOnly):
   """Inert placeholder for a pickled bound method `getattr(owner, name)`, e.g. a module hook."""
   __slots__ = ('owner', 'name')
@@ -318,6 +332,8 @@ _STAND_INS: dict[str, Any] = {
     'torch.Size': _torch_size,
     'torch.device': _torch_device,
     **{f'torch.nn.modules.container.{name}': stub for name, stub in _CONTAINER_STUBS.items()},
+    'torch.nn.modules.sparse.Embedding': _EMBEDDING_STUB,
+    'dill._dill._load_type': _dill_load_type,
     'dnnlib.util.EasyDict': EasyDict,
     'copyreg._reconstructor': _reconstructor,
     'builtins.object': object,  # only useful as copyreg._reconstructor's base

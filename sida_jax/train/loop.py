@@ -26,7 +26,8 @@ EVAL_HISTORY = "eval_history.jsonl"   # one JSON line per periodic evaluation
 
 
 class Batches:
-  """Two host batches per iteration (critic phase, generator phase), a pure function of the step."""
+  """Two host batches per iteration (critic phase, generator phase), a pure function of the step; one batch
+  for both phases when the method shares it (GDD)."""
 
   def __init__(self, run: run_lib.Run):
     self.run = run
@@ -50,11 +51,12 @@ class Batches:
         yield {"critic": self._uniform_labels(step, 0), "generator": self._uniform_labels(step, 1)}
         step += 1
     keep_images = self.run.method.uses_real_images
+    per_step = batches_per_step(self.run)
     if keep_images:
-      it = dataset.iterate(self.run.batch_size, self.run.seed, position=2 * start_step,
+      it = dataset.iterate(self.run.batch_size, self.run.seed, position=per_step * start_step,
                            process_index=self.process_index, process_count=self.process_count)
     else:
-      it = self._loader_labels(dataset, 2 * start_step)   # same order as the loader, no image decoding
+      it = self._loader_labels(dataset, per_step * start_step)   # same order as the loader, no image decoding
     label_dim = self.run.nets.generator.label_dim
     latents = dataset.name == "edm2_latents"
 
@@ -75,7 +77,8 @@ class Batches:
 
     step = start_step
     while True:
-      yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
+      critic = clean(next(it), step, 0)
+      yield {"critic": critic, "generator": critic if per_step == 1 else clean(next(it), step, 1)}
       step += 1
 
   def _loader_labels(self, dataset, position: int) -> Iterator[dict]:
@@ -85,6 +88,11 @@ class Batches:
                                   self.process_index, self.process_count)
       yield {"labels": dataset.labels(items)}
       position += 1
+
+
+def batches_per_step(run: run_lib.Run) -> int:
+  """Data batches one iteration reads: 1 when the method's phases share it, else 2."""
+  return 1 if run.method.shared_batch else 2
 
 
 def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
@@ -147,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:
     checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     checkpoint.write_json(os.path.join(workdir, checkpoint.NETWORK_JSON),
-                          {"class_name": run.class_name, "init_kwargs": run.train_kwargs,
+                          {"class_name": run.generator_class, "init_kwargs": run.generator_kwargs,
                            "init_sigma": run.spec.init_sigma})
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
   mesh = step_lib.make_mesh()
@@ -160,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, meta = checkpoint.restore(mngr, state)
     best["fid"] = meta.get("best_fid") or float("inf")
     logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
-  teacher_variables = jax.device_put(run.teacher.variables, replicated)
+  teacher_variables = jax.device_put(run.frozen_variables, replicated)   # the teacher, or the method's
   batch = run.batch_size
   total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
   start = int(jax.device_get(state.step))
@@ -169,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   best_mngr = checkpoint.manager(os.path.join(workdir, "best"), 1) if evaluate_fn else None
 
   def save(step_done: int):
-    meta = {"step": step_done, "kimg": step_done * batch / 1000, "data_position": 2 * step_done,
+    meta = {"step": step_done, "kimg": step_done * batch / 1000, "data_position": batches_per_step(run) * step_done,
             "best_fid": best["fid"] if math.isfinite(best["fid"]) else None}
     checkpoint.save(mngr, step_done, state, meta)
 
