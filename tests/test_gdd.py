@@ -11,10 +11,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+import backbone_reference as ref
 from sida_jax.losses import gdd
 from sida_jax.losses import method as method_lib
-from sida_jax.losses.method import CriticInputs, GeneratorInputs, Networks
+from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Networks
+from sida_jax.models import projected_gan as pg
 from sida_jax.models import toy
+from sida_jax.models.backbones import torch_layers
 from sida_jax.models.edm import precond
 from sida_jax.models.edm import unets as edm
 from sida_jax.models.denoiser import Denoiser
@@ -298,3 +301,136 @@ def test_build_run_gives_the_discriminator_the_adjusted_adam():
   np.testing.assert_allclose(last_update(run.spec.critic_tx), lazy, rtol=1e-4)
   np.testing.assert_allclose(last_update(run.spec.generator_tx), torch_adam_last_update(2e-5, 0.99), rtol=1e-4)
   assert np.all(np.abs(lazy / torch_adam_last_update(4e-5 * 16 / 17, 0.99) - 1) > 3e-3)   # β2 is visible
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's discriminator: Projected GAN heads on (reduced, random) feature networks.
+
+RES = 32
+PG_SHAPE = (RES, RES, 3)
+
+
+def _backbone_weights(specs, seed=3):
+  """Recipe weights (tests/backbone_reference.py) for each reduced feature network, as torchvision/timm names."""
+  x = jnp.zeros((1, *PG_SHAPE))
+  return {s.name: ref.recipe_state_dict(ref.template_shapes(torch_layers.variables_template(s.module, x)), seed)
+          for s in specs}
+
+
+def _pg_settings(batch_stat_size=0, names=("vgg16_bn", "tf_efficientnet_lite0")):
+  specs = ref.reduced_specs()
+  return gdd.ProjectedSettings(feature_networks=tuple(specs[n] for n in names), interp224=False, cout=8, ndf=16,
+                               batch_stat_size=batch_stat_size, seed=5)
+
+
+def _reference_pg(settings, label_dim, groups):
+  """The model the losses must call: models/projected_gan.py (checked against the official modules in
+  tests/test_projected_gan.py) with the official per-GPU batch-norm groups."""
+  return pg.ProjectedDiscriminator(backbones=settings.feature_networks, resolution=RES, label_dim=label_dim,
+                                   interp224=False, cout=8, ndf=16, batch_stat_groups=groups)
+
+
+NO_OPT = {"xla_backend_optimization_level": 0}   # tiny graphs: compile time dominates
+
+
+def _jit(fn):
+  return jax.jit(fn, compiler_options=NO_OPT)
+
+
+def test_projected_discriminator_stages_match_the_official_reduction_and_buffer_order():
+  """GDD's losses on the Projected-GAN discriminator: the official reduction of the logits of the official
+  calls, in training mode with batch-norm groups of 2 (per-GPU batch), each stage's heads' buffers after its
+  calls — G: one call on x_g; D: x_g, then the real batch; R1: one call on the real batch (from the same
+  starting buffers here) — and R1 = mean γ/2·‖∇_x Σ logits‖² × interval."""
+  n, gamma, sum_size, label_dim = 4, 0.5, 4, 10
+  settings = _pg_settings(batch_stat_size=2)
+  table = np.random.RandomState(0).standard_normal(pg.EMBEDDING_SHAPE).astype(np.float32)
+  discriminator = gdd.projected_discriminator(settings, PG_SHAPE, label_dim, _backbone_weights(
+      settings.feature_networks), table)
+  den = toy.toy_denoiser((8,))
+  method = gdd.make(_config(r1_gamma=gamma, r1_interval=4, gan_sum_size=sum_size), Networks(den, den, den),
+                    discriminator=discriminator)
+  frozen = discriminator.frozen({})
+  heads = method.init_critic_variables(jax.random.key(1), {}, PG_SHAPE)
+  embeds = [v for k, v in torch_layers.state_dict_from_variables(heads).items() if k.endswith("embed.weight")]
+  assert len(embeds) == 8 and all(np.array_equal(e, table) for e in embeds)   # 4 heads × 2 networks
+  rng = np.random.RandomState(1)
+  x_g, real = (jnp.asarray(rng.uniform(-1, 1, (n, *PG_SHAPE)), jnp.float32) for _ in range(2))
+  labels = jnp.eye(label_dim)[np.array([3, 7, 3, 1])]
+  inputs = CriticInputs(x_g=x_g, augment_labels=None, labels=labels, real_images=real, real_augment_labels=None,
+                        draws={}, critic_buffers={"buffers": heads["buffers"]}, teacher_variables=frozen,
+                        dropout_rng=jax.random.key(4), nimg=jnp.zeros(()))
+  g_inputs = GeneratorInputs(labels=labels, real_images=None, draws={}, critic_variables=heads,
+                             teacher_variables=frozen, dropout_rng=jax.random.key(5), nimg=jnp.zeros(()))
+
+  reference = _reference_pg(settings, label_dim, groups=2)
+  raw_apply = lambda h, x: reference.apply({"features": frozen["features"], "heads": h}, x, labels, train=True)
+  apply = _jit(raw_apply)
+  fake_logits, after_fake = apply(heads, x_g)
+  real_logits, after_real = apply({**heads, "buffers": after_fake}, real)
+  r1_logits, after_r1 = apply(heads, real)
+  total = lambda x: sum(jnp.sum(l) for l in raw_apply(heads, x)[0])
+  r1_grads = _jit(jax.grad(total))(real)
+  d_ref, g_ref, r1_ref = _official_losses(fake_logits, real_logits, r1_grads, gamma, gain=4)
+
+  same = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  d_loss, d_metrics = _jit(method.critic_loss)(heads["params"], inputs)
+  np.testing.assert_allclose(d_loss, d_ref * sum_size / n, rtol=1e-5)
+  assert same(d_metrics[CRITIC_BUFFERS], {"buffers": after_real}) < 1e-6
+  g_loss, g_metrics = _jit(method.generator_loss)(x_g, g_inputs)
+  np.testing.assert_allclose(g_loss, g_ref * sum_size / n, rtol=1e-5)
+  assert same(g_metrics[CRITIC_BUFFERS], {"buffers": after_fake}) < 1e-6
+  r1, r_metrics = _jit(method.critic_regularizer.loss)(heads["params"], inputs)
+  np.testing.assert_allclose(r1 * 4, r1_ref, rtol=1e-4)
+  assert same(r_metrics[CRITIC_BUFFERS], {"buffers": after_r1}) < 1e-6
+  # Not vacuous: the buffers move with each call, and groups of 2 are not the whole-batch statistics.
+  assert same(after_fake, heads["buffers"]) > 1e-4 and same(after_real, after_fake) > 1e-4
+  whole_batch = _reference_pg(settings, label_dim, groups=1)
+  other, _ = _jit(lambda h, x: whole_batch.apply({"features": frozen["features"], "heads": h}, x, labels,
+                                                  train=True))(heads, x_g)
+  assert same(other, fake_logits) > 1e-3
+  assert r1_ref > 1e-3 * d_ref
+
+
+@pytest.mark.slow
+def test_projected_gdd_step_does_not_depend_on_the_device_count():
+  """The real step with the Projected-GAN heads: batch-norm groups of `batch_stat_size` samples and buffers
+  averaged over devices make one device (4 samples, 2 groups) and two (2 samples, 1 group each) agree, R1
+  included (interval 1: from the second iteration on). Adam's ε is raised to 1e-3 here: the biases of the
+  convolutions in front of batch norm have an exactly-zero gradient up to rounding, which ε = 1e-8 would turn
+  into ±lr steps that depend on the summation order."""
+  settings = _pg_settings(batch_stat_size=2, names=("tf_efficientnet_lite0",))
+  discriminator = gdd.projected_discriminator(settings, PG_SHAPE, 0, _backbone_weights(settings.feature_networks))
+  den = toy.toy_denoiser((16,))
+  teacher = toy.init_toy(den, jax.random.key(0), PG_SHAPE)
+  method = gdd.make(_config(r1_gamma=0.5, r1_interval=1, gan_sum_size=4), Networks(den, den, den),
+                    discriminator=discriminator)
+  spec = step_lib.StepSpec(
+      method=method, nets=Networks(den, den, den), batch_size=4, image_shape=PG_SHAPE, init_sigma=method.init_sigma,
+      generator_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3),
+      critic_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3), ema_halflife_mimg=0.5)
+  frozen = method.frozen_variables(teacher)
+  assert set(frozen) == {"features"}          # the step gets the feature networks, not the teacher
+  heads = method.init_critic_variables(jax.random.key(1), teacher, PG_SHAPE)
+  rng = np.random.RandomState(0)
+  batches = []
+  for _ in range(2):
+    shared = {"images": rng.uniform(-1, 1, (4, *PG_SHAPE)).astype(np.float32)}
+    batches.append({"critic": shared, "generator": shared})
+  runs = []
+  for devices in (1, 2):
+    mesh = step_lib.make_mesh(devices)
+    train_step = step_lib.make_train_step(spec, mesh)
+    state = state_lib.init_state(jax.random.key(2), teacher, heads, spec.generator_tx, spec.critic_tx)
+    for batch in batches:
+      state, metrics = train_step(state, frozen, step_lib.shard_batch(batch, mesh))
+    assert float(metrics["critic_regularized"]) == 1.0 and float(metrics["loss_r1"]) > 0
+    runs.append(jax.device_get(state))
+  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert diff(runs[0].critic.params, runs[1].critic.params) < 1e-5
+  assert diff(runs[0].critic.buffers, runs[1].critic.buffers) < 1e-5
+  assert diff(runs[0].generator.params, runs[1].generator.params) < 1e-5
+  assert diff(runs[0].critic.buffers, {"buffers": heads["buffers"]}) > 1e-3   # the buffers did move
+  assert diff(runs[0].critic.params, heads["params"]) > 1e-4
