@@ -1,7 +1,9 @@
 """GDD / GDD-I: the losses and the lazy R1 against the official reduction in numpy (for the teacher-feature
 discriminator and for any other), the official Adam adjustment and freezing rule, frozen parameters that stay
 bit-identical through the real training step, and a step that does not depend on the device count."""
+import os
 import pathlib
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 import backbone_reference as ref
+from conftest import fixtures_dir
 from sida_jax.losses import gdd
 from sida_jax.losses import method as method_lib
 from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Networks
@@ -23,6 +26,7 @@ from sida_jax.models.edm import unets as edm
 from sida_jax.models.denoiser import Denoiser
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
+from torch_pickles import Storage, Tensor, zip_torch_save
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (1, 1, 2)
@@ -434,3 +438,118 @@ def test_projected_gdd_step_does_not_depend_on_the_device_count():
   assert diff(runs[0].generator.params, runs[1].generator.params) < 1e-5
   assert diff(runs[0].critic.buffers, {"buffers": heads["buffers"]}) > 1e-3   # the buffers did move
   assert diff(runs[0].critic.params, heads["params"]) > 1e-4
+
+
+def _tensors(state_dict):
+  """Arrays as the tensors of a torch.save file, one storage each (written without torch)."""
+  out = {}
+  for key, value in state_dict.items():
+    storage = Storage(np.ascontiguousarray(value).ravel(), key=key)
+    out[key] = Tensor.view_of(storage, storage.array.reshape(value.shape))
+  return out
+
+
+def _projected_run_config(weights_dir, label_dim=0):
+  """A tiny EDM (DDPM++) teacher at 32×32×3 and GDD with the Projected-GAN discriminator on one reduced
+  feature network (EfficientNet), batch 8 over the test's 8 devices, R1 every 2nd iteration."""
+  from configs import smoke   # pylint: disable=import-outside-toplevel
+  config = smoke.get_config("ddpmpp")
+  config.method = "gdd"
+  config.network.kwargs = smoke.tiny_ddpmpp(resolution=RES, channels=3, label_dim=label_dim, model_channels=8)
+  config.init_sigma = 80.0
+  config.dropout = 0.0
+  config.optim.beta2 = 0.99
+  config.loss.r1_interval, config.loss.r1_gamma, config.loss.gan_sum_size = 2, 0.1, 4
+  config.gdd.discriminator, config.gdd.backbones = "projected", str(weights_dir)
+  config.gdd.feature_networks = ("tf_efficientnet_lite0",)
+  config.gdd.interp224, config.gdd.cout, config.gdd.ndf, config.gdd.batch_stat_size = False, 8, 16, 1
+  config.data.source, config.data.resolution, config.data.channels = "mnist5k", RES, 3
+  config.data.use_labels = bool(label_dim)
+  config.total_kimg = 4 * config.batch_size / 1000
+  config.checkpoint_every_kimg = config.log_every_kimg = 2 * config.batch_size / 1000
+  config.grid_every_kimg = 0.0
+  return config
+
+
+@pytest.mark.slow
+def test_projected_gdd_run_trains_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+  """The run assembly and loop with the paper's discriminator on a reduced EfficientNet whose weights come
+  from a .pth under the release file name: 4 iterations straight equal 2 + resume + 2 bit for bit (heads,
+  their buffers, optimisers, generator, EMA); the heads' buffers move; the generator is GDDPrecond
+  (network.json); both phases read one data batch per iteration."""
+  sys.path.insert(0, str(REPO))
+  from sida_jax import checkpoint   # pylint: disable=import-outside-toplevel
+  from sida_jax.train import loop   # pylint: disable=import-outside-toplevel
+  from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pg, "backbone_spec", lambda name: ref.reduced_specs()[name])
+  weights = tmp_path / "weights"
+  weights.mkdir()
+  effnet = ref.reduced_specs()["tf_efficientnet_lite0"]
+  state_dict = _backbone_weights([effnet])["tf_efficientnet_lite0"]
+  zip_torch_save(_tensors(state_dict), weights / "tf_efficientnet_lite0-0aa007d2.pth")
+  config = _projected_run_config(weights)
+
+  run = run_lib.build_run(config)
+  assert run.generator_class == "GDDPrecond" and run.nets.generator.module.epsilon == 0.002
+  assert set(run.frozen_variables) == {"features"}
+  loaded = torch_layers.state_dict_from_variables(
+      {"params": run.frozen_variables["features"]["params"]["tf_efficientnet_lite0"]["backbone"]})
+  np.testing.assert_array_equal(loaded["conv_stem.weight"], state_dict["conv_stem.weight"])
+  batches = next(loop.Batches(run).iterate(0))
+  assert batches["critic"] is batches["generator"]
+  initial = jax.device_get(run_lib.initial_state(run))
+
+  straight = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "a")))
+  loop.train_and_evaluate(config, str(tmp_path / "b"), stop_after_steps=2)
+  resumed = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "b")))
+  assert int(straight.step) == int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  moved = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(straight.critic.buffers, initial.critic.buffers) > 1e-3    # spectral-norm u/v, running stats
+  assert moved(straight.critic.params, initial.critic.params) > 1e-5
+  assert moved(straight.generator.params, initial.generator.params) > 1e-5
+  info = checkpoint.read_json(str(tmp_path / "a" / checkpoint.NETWORK_JSON))
+  assert info["class_name"] == "GDDPrecond" and info["init_sigma"] == 80.0
+  _, meta = checkpoint.restore_raw(str(tmp_path / "b" / "checkpoints"))
+  assert meta["data_position"] == 4   # one batch per iteration
+
+
+def test_missing_feature_network_weights_fail_at_start_up(tmp_path):
+  """No silent fallback: an empty folder names every file (conditional: the class embedding too) in one line;
+  no folder at all says how to give one."""
+  sys.path.insert(0, str(REPO))
+  from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
+  config = _projected_run_config(tmp_path, label_dim=10)
+  config.gdd.feature_networks = ("vgg16_bn", "tf_efficientnet_lite0")
+  with pytest.raises(FileNotFoundError) as error:
+    run_lib.build_run(config)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"missing in {tmp_path}: vgg16_bn-6c64b313.pth (")
+  assert "tf_efficientnet_lite0-0aa007d2.pth" in message and "in_embeddings/tf_efficientnet_lite0.pkl" in message
+  config.gdd.backbones = ""
+  with pytest.raises(ValueError, match=r"config.gdd.discriminator='projected' needs config.gdd.backbones=DIR "
+                                       r"holding vgg16_bn-6c64b313.pth .* \(or use config.gdd.discriminator=teacher\)"):
+    run_lib.build_run(config)
+
+
+@pytest.mark.slow
+def test_recipe_without_the_weights_stops_at_start_up_from_the_command_line(tmp_path):
+  """`main.py --config configs/cifar10_uncond.py:gdd` (the paper's discriminator by default) with an empty
+  weights folder: exits before training with the one-line message naming both files."""
+  teacher = fixtures_dir("edm") / "ve_ncsnpp.pkl"   # a (tiny) official VE teacher snapshot
+  empty = tmp_path / "weights"
+  empty.mkdir()
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  recipe = str(REPO / "configs" / "cifar10_uncond.py") + ":gdd"
+  out = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", recipe,
+                        "--workdir", str(tmp_path / "w"), f"--config.teacher={teacher}",
+                        f"--config.gdd.backbones={empty}", "--config.eval_every_kimg=0"],   # no FID detector here
+                       cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"FileNotFoundError: missing in {empty}: vgg16_bn-6c64b313.pth ("), last
+  assert "tf_efficientnet_lite0-0aa007d2.pth (" in last and "in_embeddings" not in last
+  assert not (tmp_path / "w" / "checkpoints").exists()
