@@ -69,6 +69,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.r1_interval = 16            # lazy R1: a separate D step every 16 iterations, gain ×16
   c.loss.gan_sum_size = 0            # samples each official GAN sum runs over; 0 = per-device batch
   c.loss.freeze = False              # GDD-I: freeze the generator's convolutions as the paper names
+  # GDD's discriminator: 'projected' (the paper's Projected GAN on pretrained feature networks, whose
+  # weight files config.gdd.backbones names; see sida_jax/formats/feature_networks.py) or 'teacher' (the
+  # frozen teacher's features at loss.feature_sigmas, for machines without those weights).
+  c.gdd = ml_collections.ConfigDict()
+  c.gdd.discriminator = "teacher"
+  c.gdd.backbones = ""               # folder with the feature networks' (and the class embedding's) files
+  c.gdd.feature_networks = ("deit_base_distilled_patch16_224", "tf_efficientnet_lite0")
+  c.gdd.interp224 = True             # resize images under 224 to 224 (official --interp224)
+  c.gdd.cout = 64                    # Projected GAN's mixing width
+  c.gdd.ndf = 0                      # head width; 0 = Projected GAN's per-resolution table
+  c.gdd.batch_stat_size = 0          # heads' batch-norm statistics groups; 0 = per-device batch (recipes: per-GPU)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.critic_lr = 1e-5
@@ -149,7 +160,8 @@ METHOD_DEFAULTS = {
     "sida": {"loss.alpha": 1.0},
     "sim": {"loss.generator_scale": 1.0, "loss.generator_p_mean": -3.5, "loss.generator_p_std": 2.5},
     "lsg": {"loss.alpha": 1.0, "loss.generator_scale": 1.0, "loss.null_label_rate": 0.1},
-    "gdd": {"init_sigma": 80.0, "optim.beta2": 0.99, "dropout": 0.0, "augment_p": 0.0},
+    "gdd": {"init_sigma": 80.0, "optim.beta2": 0.99, "dropout": 0.0, "augment_p": 0.0,
+            "gdd.discriminator": "projected"},
 }
 
 

@@ -37,20 +37,24 @@ EDM_RECIPES = {
 }
 
 # GDD / GDD-I, [004] Table 6 (ALGORITHMS.md §8.5): the VE (NCSN++) EDM teachers except ADM on ImageNet-64
-# (`train.sh --transfer`), G and D learning rates, batch, γ_R1, EMA half-life, Mimg of GDD / GDD-I. Common to
-# all: Adam (0, 0.99), ε 1e-8, bf16, dropout 0, no augmentation, EMA ramp-up 0.05, 8 GPUs — so each official
-# GAN sum runs over batch/8 samples (`gan_sum_size`; `train.sh`'s 4 GPUs would double it).
+# (`train.sh --transfer`), G and D learning rates, batch, γ_R1, EMA half-life, Mimg of GDD / GDD-I, and the
+# Projected-GAN feature networks (§6.3; `train.sh --backbone 1` / `0`). Common to all: Adam (0, 0.99),
+# ε 1e-8, bf16, dropout 0, no augmentation, EMA ramp-up 0.05, 8 GPUs — so each official GAN sum and each
+# batch-norm statistics group of the heads runs over batch/8 samples (`gan_sum_size`, `gdd.batch_stat_size`;
+# `train.sh`'s 4 GPUs would double them).
+VGG_EFFNET = ("vgg16_bn", "tf_efficientnet_lite0")
+DEIT_EFFNET = ("deit_base_distilled_patch16_224", "tf_efficientnet_lite0")
 GDD_RECIPES = {
     "cifar10_uncond": dict(teacher="edm-cifar10-32x32-uncond-ve.pkl", g_lr=1e-4, d_lr=1e-4, batch=256,
-                           r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5)),
+                           r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5), features=VGG_EFFNET),
     "cifar10_cond": dict(teacher="edm-cifar10-32x32-cond-ve.pkl", g_lr=1e-4, d_lr=1e-4, batch=256,
-                         r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5)),
+                         r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=5), features=VGG_EFFNET),
     "afhq64": dict(teacher="edm-afhqv2-64x64-uncond-ve.pkl", g_lr=2e-5, d_lr=4e-5, batch=256,
-                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10)),
+                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10), features=DEIT_EFFNET),
     "ffhq64": dict(teacher="edm-ffhq-64x64-uncond-ve.pkl", g_lr=2e-5, d_lr=4e-5, batch=256,
-                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10)),
+                   r1_gamma=1e-4, ema=0.5, mimg=dict(gdd=5, gddi=10), features=DEIT_EFFNET),
     "imagenet64": dict(teacher="edm-imagenet-64x64-cond-adm.pkl", g_lr=8e-6, d_lr=4e-5, batch=512,
-                       r1_gamma=4e-4, ema=50.0, mimg=dict(gdd=5, gddi=5)),
+                       r1_gamma=4e-4, ema=50.0, mimg=dict(gdd=5, gddi=5), features=DEIT_EFFNET),
 }
 GDD_GPUS = 8
 
@@ -134,6 +138,9 @@ def _gdd(c, dataset: str, variant: str) -> None:
   c.loss.r1_gamma = r["r1_gamma"]
   c.loss.gan_sum_size = r["batch"] // GDD_GPUS
   c.loss.freeze = variant == "gddi"
+  c.gdd.discriminator = "projected"
+  c.gdd.feature_networks = r["features"]
+  c.gdd.batch_stat_size = r["batch"] // GDD_GPUS
   _edm_data(c, EDM_RECIPES[dataset]["data"], EDM_RECIPES[dataset]["cond"])
   _bookkeeping(c, 500.0)
 

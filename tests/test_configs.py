@@ -220,6 +220,10 @@ GDD_ROWS = {   # teacher, G lr, D lr, batch, γ_R1, EMA, Mimg GDD, Mimg GDD-I
     "ffhq64": ("edm-ffhq-64x64-uncond-ve.pkl", 2e-5, 4e-5, 256, 1e-4, 0.5, 5, 10),
     "imagenet64": ("edm-imagenet-64x64-cond-adm.pkl", 8e-6, 4e-5, 512, 4e-4, 50.0, 5, 5),
 }
+# [004] §6.3 / `train.sh --backbone 1` (CIFAR-10) and `--backbone 0` (the 64×64 datasets).
+GDD_FEATURE_NETWORKS = {"cifar10_uncond": ("vgg16_bn", "tf_efficientnet_lite0"),
+                        "cifar10_cond": ("vgg16_bn", "tf_efficientnet_lite0")}
+DEIT_EFFNET = ("deit_base_distilled_patch16_224", "tf_efficientnet_lite0")
 
 
 def _gdd(dataset, variant):
@@ -230,7 +234,9 @@ def _gdd(dataset, variant):
       "total_kimg": 1000 * (mimg if variant == "gdd" else mimg_i), "loss.freeze": variant == "gddi",
       "optim.generator_beta1": 0.0, "optim.critic_beta1": 0.0, "optim.beta2": 0.99, "optim.eps": 1e-8,
       "dtype": "bfloat16", "dropout": 0.0, "augment_p": 0.0, "init_sigma": 80.0, "loss.r1_interval": 16,
-      "loss.gan_sum_size": batch // 8, "data.source": "edm_zip", "data.path": DATA[dataset],
+      "loss.gan_sum_size": batch // 8, "gdd.discriminator": "projected", "gdd.batch_stat_size": batch // 8,
+      "gdd.feature_networks": GDD_FEATURE_NETWORKS.get(dataset, DEIT_EFFNET), "gdd.interp224": True,
+      "gdd.cout": 64, "gdd.ndf": 0, "data.source": "edm_zip", "data.path": DATA[dataset],
       "data.use_labels": SID_ROWS[dataset][-1], "recipe": f"{dataset}:{variant}"}
 
 
@@ -314,7 +320,8 @@ def test_build_run_refuses_before_loading_anything():
     ("sida", {"loss.alpha": 1.0, "loss.generator_scale": 100.0}),                   # A §3.4, §8.1
     ("sim", {"loss.generator_scale": 1.0, "loss.generator_p_mean": -3.5, "loss.generator_p_std": 2.5}),  # A §4.4
     ("lsg", {"loss.alpha": 1.0, "loss.generator_scale": 1.0, "loss.null_label_rate": 0.1}),  # A §5.4, §12.17
-    ("gdd", {"init_sigma": 80.0, "optim.beta2": 0.99, "dropout": 0.0, "augment_p": 0.0}),   # A §6.8, §12.18
+    ("gdd", {"init_sigma": 80.0, "optim.beta2": 0.99, "dropout": 0.0, "augment_p": 0.0,    # A §6.8, §12.18
+             "gdd.discriminator": "projected"}),                                             # A §6.3
 ])
 def test_free_form_configs_get_each_methods_own_defaults(method, expected):
   config = _flat(base.method_config(method))

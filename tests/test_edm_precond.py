@@ -121,3 +121,50 @@ def test_unknown_return_flag_is_rejected():
   with pytest.raises(ValueError, match="'logits'"):
     jax.eval_shape(lambda: module.init(jax.random.key(0), *convert.example_inputs(module),
                                        return_flag='logits'))
+
+
+def _official_gdd_forward(unet_fn, x, sigma, eps=2e-3, sigma_data=0.5):
+  """Zyriix/GDD `GDDPrecond.forward` in numpy (float64 coefficients): D = c_skip x + c_out F(c_in x; c_noise)."""
+  sigma = np.asarray(sigma, np.float64).reshape(-1, 1, 1, 1)
+  c_skip = sigma_data ** 2 / ((sigma - eps) ** 2 + sigma_data ** 2)
+  c_out = (sigma - eps) * sigma_data / np.sqrt(sigma ** 2 + sigma_data ** 2)
+  c_in = 1 / np.sqrt(sigma_data ** 2 + sigma ** 2)
+  c_noise = np.log(sigma) / 4
+  f_x = np.asarray(unet_fn((c_in * x).astype(np.float32), c_noise.reshape(-1).astype(np.float32)), np.float64)
+  return c_skip * x + c_out * f_x
+
+
+def test_gdd_precond_on_a_ve_teachers_unet_matches_the_official_forward():
+  """GDD's generator: the VE (NCSN++) teacher's U-Net and weights under GDDPrecond, called on 80·z at σ = 80
+  (and elsewhere), against the official forward transcribed in numpy around the same U-Net."""
+  kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', embedding_type='fourier',
+                encoder_type='residual', decoder_type='standard', channel_mult_noise=2, resample_filter=[1, 3, 3, 1],
+                model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], augment_dim=9,
+                dropout=0.0, sigma_min=0.02, sigma_max=100.0)
+  teacher = registry.build_network('VEPrecond', kwargs)
+  variables = convert.init_variables(teacher, jax.random.key(0))
+  gdd_kwargs = registry.rewrap('VEPrecond', kwargs, 'GDDPrecond')
+  assert 'sigma_min' not in gdd_kwargs and gdd_kwargs['model_type'] == 'SongUNet'
+  generator = registry.build_network('GDDPrecond', gdd_kwargs)
+  assert isinstance(generator, precond.GDDPrecond) and generator.epsilon == 0.002
+  z = np.random.RandomState(0).standard_normal((3, 8, 8, 3)).astype(np.float32)
+  sigma = np.array([80.0, 80.0, 2.5], np.float32)
+  x = z * sigma.reshape(-1, 1, 1, 1)
+  augment = np.zeros((3, 9), np.float32)
+  ours = generator.apply(variables, x, sigma, None, augment)
+  unet_variables = {collection: tree['model'] for collection, tree in variables.items()}
+  unet = lambda x_in, c_noise: teacher.model.apply(unet_variables, x_in, c_noise, None, augment)
+  _assert_close_to_scale(ours, _official_gdd_forward(unet, x.astype(np.float64), sigma), 1e-5)
+  # At σ = 80 the output is essentially c_out·F (c_skip ≈ 3.9e-5), and not the teacher's own D = x + σ F(x).
+  ve = teacher.apply(variables, x, sigma, None, augment)
+  assert np.abs(np.asarray(ve) - np.asarray(ours)).max() > 0.1 * np.abs(np.asarray(ours)).max()
+
+
+def test_gdd_coefficients_closed_form():
+  sigma = np.array([0.002, 0.3, 1.0, 80.0])
+  c = precond.gdd_coefficients(jnp.asarray(sigma, jnp.float32))
+  np.testing.assert_allclose(c.c_skip, 0.25 / ((sigma - 0.002) ** 2 + 0.25), rtol=1e-6)
+  np.testing.assert_allclose(c.c_out, (sigma - 0.002) * 0.5 / np.sqrt(sigma ** 2 + 0.25), rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(c.c_in, 1 / np.sqrt(sigma ** 2 + 0.25), rtol=1e-6)
+  np.testing.assert_allclose(c.c_noise, np.log(sigma) / 4, rtol=1e-6)
+  assert float(c.c_skip[0]) == 1.0 and float(c.c_out[0]) == 0.0   # D(x; ε) = x

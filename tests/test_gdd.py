@@ -1,7 +1,9 @@
 """GDD / GDD-I: the losses and the lazy R1 against the official reduction in numpy (for the teacher-feature
 discriminator and for any other), the official Adam adjustment and freezing rule, frozen parameters that stay
 bit-identical through the real training step, and a step that does not depend on the device count."""
+import os
 import pathlib
+import subprocess
 import sys
 
 import flax.linen as nn
@@ -11,15 +13,20 @@ import ml_collections
 import numpy as np
 import pytest
 
+import backbone_reference as ref
+from conftest import fixtures_dir
 from sida_jax.losses import gdd
 from sida_jax.losses import method as method_lib
-from sida_jax.losses.method import CriticInputs, GeneratorInputs, Networks
+from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Networks
+from sida_jax.models import projected_gan as pg
 from sida_jax.models import toy
+from sida_jax.models.backbones import torch_layers
 from sida_jax.models.edm import precond
 from sida_jax.models.edm import unets as edm
 from sida_jax.models.denoiser import Denoiser
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
+from torch_pickles import Storage, Tensor, zip_torch_save
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (1, 1, 2)
@@ -75,9 +82,9 @@ def _input_gradients(logits_fn, x):
 
 
 def _check_against_official(method, discriminator, params, teacher, inputs, gamma, sum_size):
-  fake = discriminator.logits(params, teacher, inputs.x_g, inputs.labels)
-  real = discriminator.logits(params, teacher, inputs.real_images, inputs.labels)
-  grads = _input_gradients(lambda x: discriminator.logits(params, teacher, x, inputs.labels), inputs.real_images)
+  logits_fn = lambda x: discriminator.logits({"params": params}, teacher, x, inputs.labels)[0]
+  fake, real = logits_fn(inputs.x_g), logits_fn(inputs.real_images)
+  grads = _input_gradients(logits_fn, inputs.real_images)
   interval = method.critic_regularizer.interval
   d_ref, g_ref, r1_ref = _official_losses(fake, real, grads, gamma, gain=interval)
   # Official sums run over one GPU's samples; ours are per-device means × gan_sum_size.
@@ -103,8 +110,8 @@ def test_teacher_feature_discriminator_matches_the_official_reduction(label_dim)
   inputs = _critic_inputs(teacher, labels)
   hp = gdd.GDDHyper(feature_sigmas=(0.1, 1.0), r1_gamma=gamma)
   discriminator = gdd.teacher_feature_discriminator(hp, nets)
-  logits = discriminator.logits(heads["params"], teacher, inputs.x_g, labels)
-  assert [l.shape for l in logits] == [(N, 1), (N, 1)]
+  logits, buffers = discriminator.logits(heads, teacher, inputs.x_g, labels)
+  assert [l.shape for l in logits] == [(N, 1), (N, 1)] and buffers == {}
   assert method.generator_first and method.critic_regularizer.interval == 16
   _check_against_official(method, discriminator, heads["params"], teacher, inputs, gamma, sum_size=N)
 
@@ -125,7 +132,7 @@ def test_any_discriminator_is_reduced_the_official_way():
   gamma = 0.3
   heads = TwoNetworkHeads()
   params = heads.init(jax.random.key(7), jnp.zeros((1, *SHAPE)))["params"]
-  discriminator = gdd.Discriminator(logits=lambda p, teacher, x, labels: heads.apply({"params": p}, x),
+  discriminator = gdd.Discriminator(logits=lambda v, teacher, x, labels: (heads.apply(v, x), {}),
                                     init=lambda rng, teacher, shape: heads.init(rng, jnp.zeros((1, *shape))))
   den = toy.toy_denoiser((8,))
   sum_size = 4
@@ -272,7 +279,7 @@ def test_build_run_gives_the_discriminator_the_adjusted_adam():
   sys.path.insert(0, str(REPO))
   from configs import smoke   # pylint: disable=import-outside-toplevel
   from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
-  config = smoke.get_config("toy")
+  config = smoke.get_config("ddpmpp")   # GDD's generator rewraps an EDM U-Net (GDDPrecond)
   config.method = "gdd"
   config.network.kwargs.img_channels = 1
   config.data.source, config.data.resolution = "digits", 16
@@ -298,3 +305,251 @@ def test_build_run_gives_the_discriminator_the_adjusted_adam():
   np.testing.assert_allclose(last_update(run.spec.critic_tx), lazy, rtol=1e-4)
   np.testing.assert_allclose(last_update(run.spec.generator_tx), torch_adam_last_update(2e-5, 0.99), rtol=1e-4)
   assert np.all(np.abs(lazy / torch_adam_last_update(4e-5 * 16 / 17, 0.99) - 1) > 3e-3)   # β2 is visible
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The paper's discriminator: Projected GAN heads on (reduced, random) feature networks.
+
+RES = 32
+PG_SHAPE = (RES, RES, 3)
+
+
+def _backbone_weights(specs, seed=3):
+  """Recipe weights (tests/backbone_reference.py) for each reduced feature network, as torchvision/timm names."""
+  x = jnp.zeros((1, *PG_SHAPE))
+  return {s.name: ref.recipe_state_dict(ref.template_shapes(torch_layers.variables_template(s.module, x)), seed)
+          for s in specs}
+
+
+def _pg_settings(batch_stat_size=0, names=("vgg16_bn", "tf_efficientnet_lite0")):
+  specs = ref.reduced_specs()
+  return gdd.ProjectedSettings(feature_networks=tuple(specs[n] for n in names), interp224=False, cout=8, ndf=16,
+                               batch_stat_size=batch_stat_size, seed=5)
+
+
+def _reference_pg(settings, label_dim, groups):
+  """The model the losses must call: models/projected_gan.py (checked against the official modules in
+  tests/test_projected_gan.py) with the official per-GPU batch-norm groups."""
+  return pg.ProjectedDiscriminator(backbones=settings.feature_networks, resolution=RES, label_dim=label_dim,
+                                   interp224=False, cout=8, ndf=16, batch_stat_groups=groups)
+
+
+NO_OPT = {"xla_backend_optimization_level": 0}   # tiny graphs: compile time dominates
+
+
+def _jit(fn):
+  return jax.jit(fn, compiler_options=NO_OPT)
+
+
+def test_projected_discriminator_stages_match_the_official_reduction_and_buffer_order():
+  """GDD's losses on the Projected-GAN discriminator: the official reduction of the logits of the official
+  calls, in training mode with batch-norm groups of 2 (per-GPU batch), each stage's heads' buffers after its
+  calls — G: one call on x_g; D: x_g, then the real batch; R1: one call on the real batch (from the same
+  starting buffers here) — and R1 = mean γ/2·‖∇_x Σ logits‖² × interval."""
+  n, gamma, sum_size, label_dim = 4, 0.5, 4, 10
+  settings = _pg_settings(batch_stat_size=2)
+  table = np.random.RandomState(0).standard_normal(pg.EMBEDDING_SHAPE).astype(np.float32)
+  discriminator = gdd.projected_discriminator(settings, PG_SHAPE, label_dim, _backbone_weights(
+      settings.feature_networks), table)
+  den = toy.toy_denoiser((8,))
+  method = gdd.make(_config(r1_gamma=gamma, r1_interval=4, gan_sum_size=sum_size), Networks(den, den, den),
+                    discriminator=discriminator)
+  frozen = discriminator.frozen({})
+  heads = method.init_critic_variables(jax.random.key(1), {}, PG_SHAPE)
+  embeds = [v for k, v in torch_layers.state_dict_from_variables(heads).items() if k.endswith("embed.weight")]
+  assert len(embeds) == 8 and all(np.array_equal(e, table) for e in embeds)   # 4 heads × 2 networks
+  rng = np.random.RandomState(1)
+  x_g, real = (jnp.asarray(rng.uniform(-1, 1, (n, *PG_SHAPE)), jnp.float32) for _ in range(2))
+  labels = jnp.eye(label_dim)[np.array([3, 7, 3, 1])]
+  inputs = CriticInputs(x_g=x_g, augment_labels=None, labels=labels, real_images=real, real_augment_labels=None,
+                        draws={}, critic_buffers={"buffers": heads["buffers"]}, teacher_variables=frozen,
+                        dropout_rng=jax.random.key(4), nimg=jnp.zeros(()))
+  g_inputs = GeneratorInputs(labels=labels, real_images=None, draws={}, critic_variables=heads,
+                             teacher_variables=frozen, dropout_rng=jax.random.key(5), nimg=jnp.zeros(()))
+
+  reference = _reference_pg(settings, label_dim, groups=2)
+  raw_apply = lambda h, x: reference.apply({"features": frozen["features"], "heads": h}, x, labels, train=True)
+  apply = _jit(raw_apply)
+  fake_logits, after_fake = apply(heads, x_g)
+  real_logits, after_real = apply({**heads, "buffers": after_fake}, real)
+  r1_logits, after_r1 = apply(heads, real)
+  total = lambda x: sum(jnp.sum(l) for l in raw_apply(heads, x)[0])
+  r1_grads = _jit(jax.grad(total))(real)
+  d_ref, g_ref, r1_ref = _official_losses(fake_logits, real_logits, r1_grads, gamma, gain=4)
+
+  same = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  d_loss, d_metrics = _jit(method.critic_loss)(heads["params"], inputs)
+  np.testing.assert_allclose(d_loss, d_ref * sum_size / n, rtol=1e-5)
+  assert same(d_metrics[CRITIC_BUFFERS], {"buffers": after_real}) < 1e-6
+  g_loss, g_metrics = _jit(method.generator_loss)(x_g, g_inputs)
+  np.testing.assert_allclose(g_loss, g_ref * sum_size / n, rtol=1e-5)
+  assert same(g_metrics[CRITIC_BUFFERS], {"buffers": after_fake}) < 1e-6
+  r1, r_metrics = _jit(method.critic_regularizer.loss)(heads["params"], inputs)
+  np.testing.assert_allclose(r1 * 4, r1_ref, rtol=1e-4)
+  assert same(r_metrics[CRITIC_BUFFERS], {"buffers": after_r1}) < 1e-6
+  # Not vacuous: the buffers move with each call, and groups of 2 are not the whole-batch statistics.
+  assert same(after_fake, heads["buffers"]) > 1e-4 and same(after_real, after_fake) > 1e-4
+  whole_batch = _reference_pg(settings, label_dim, groups=1)
+  other, _ = _jit(lambda h, x: whole_batch.apply({"features": frozen["features"], "heads": h}, x, labels,
+                                                  train=True))(heads, x_g)
+  assert same(other, fake_logits) > 1e-3
+  assert r1_ref > 1e-3 * d_ref
+
+
+@pytest.mark.slow
+def test_projected_gdd_step_does_not_depend_on_the_device_count():
+  """The real step with the Projected-GAN heads: batch-norm groups of `batch_stat_size` samples and buffers
+  averaged over devices make one device (4 samples, 2 groups) and two (2 samples, 1 group each) agree, R1
+  included (interval 1: from the second iteration on). Adam's ε is raised to 1e-3 here: the biases of the
+  convolutions in front of batch norm have an exactly-zero gradient up to rounding, which ε = 1e-8 would turn
+  into ±lr steps that depend on the summation order."""
+  settings = _pg_settings(batch_stat_size=2, names=("tf_efficientnet_lite0",))
+  discriminator = gdd.projected_discriminator(settings, PG_SHAPE, 0, _backbone_weights(settings.feature_networks))
+  den = toy.toy_denoiser((16,))
+  teacher = toy.init_toy(den, jax.random.key(0), PG_SHAPE)
+  method = gdd.make(_config(r1_gamma=0.5, r1_interval=1, gan_sum_size=4), Networks(den, den, den),
+                    discriminator=discriminator)
+  spec = step_lib.StepSpec(
+      method=method, nets=Networks(den, den, den), batch_size=4, image_shape=PG_SHAPE, init_sigma=method.init_sigma,
+      generator_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3),
+      critic_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3), ema_halflife_mimg=0.5)
+  frozen = method.frozen_variables(teacher)
+  assert set(frozen) == {"features"}          # the step gets the feature networks, not the teacher
+  heads = method.init_critic_variables(jax.random.key(1), teacher, PG_SHAPE)
+  rng = np.random.RandomState(0)
+  batches = []
+  for _ in range(2):
+    shared = {"images": rng.uniform(-1, 1, (4, *PG_SHAPE)).astype(np.float32)}
+    batches.append({"critic": shared, "generator": shared})
+  runs = []
+  for devices in (1, 2):
+    mesh = step_lib.make_mesh(devices)
+    train_step = step_lib.make_train_step(spec, mesh)
+    state = state_lib.init_state(jax.random.key(2), teacher, heads, spec.generator_tx, spec.critic_tx)
+    for batch in batches:
+      state, metrics = train_step(state, frozen, step_lib.shard_batch(batch, mesh))
+    assert float(metrics["critic_regularized"]) == 1.0 and float(metrics["loss_r1"]) > 0
+    runs.append(jax.device_get(state))
+  diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert diff(runs[0].critic.params, runs[1].critic.params) < 1e-5
+  assert diff(runs[0].critic.buffers, runs[1].critic.buffers) < 1e-5
+  assert diff(runs[0].generator.params, runs[1].generator.params) < 1e-5
+  assert diff(runs[0].critic.buffers, {"buffers": heads["buffers"]}) > 1e-3   # the buffers did move
+  assert diff(runs[0].critic.params, heads["params"]) > 1e-4
+
+
+def _tensors(state_dict):
+  """Arrays as the tensors of a torch.save file, one storage each (written without torch)."""
+  out = {}
+  for key, value in state_dict.items():
+    storage = Storage(np.ascontiguousarray(value).ravel(), key=key)
+    out[key] = Tensor.view_of(storage, storage.array.reshape(value.shape))
+  return out
+
+
+def _projected_run_config(weights_dir, label_dim=0):
+  """A tiny EDM (DDPM++) teacher at 32×32×3 and GDD with the Projected-GAN discriminator on one reduced
+  feature network (EfficientNet), batch 8 over the test's 8 devices, R1 every 2nd iteration."""
+  from configs import smoke   # pylint: disable=import-outside-toplevel
+  config = smoke.get_config("ddpmpp")
+  config.method = "gdd"
+  config.network.kwargs = smoke.tiny_ddpmpp(resolution=RES, channels=3, label_dim=label_dim, model_channels=8)
+  config.init_sigma = 80.0
+  config.dropout = 0.0
+  config.optim.beta2 = 0.99
+  config.loss.r1_interval, config.loss.r1_gamma, config.loss.gan_sum_size = 2, 0.1, 4
+  config.gdd.discriminator, config.gdd.backbones = "projected", str(weights_dir)
+  config.gdd.feature_networks = ("tf_efficientnet_lite0",)
+  config.gdd.interp224, config.gdd.cout, config.gdd.ndf, config.gdd.batch_stat_size = False, 8, 16, 1
+  config.data.source, config.data.resolution, config.data.channels = "mnist5k", RES, 3
+  config.data.use_labels = bool(label_dim)
+  config.total_kimg = 4 * config.batch_size / 1000
+  config.checkpoint_every_kimg = config.log_every_kimg = 2 * config.batch_size / 1000
+  config.grid_every_kimg = 0.0
+  return config
+
+
+@pytest.mark.slow
+def test_projected_gdd_run_trains_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+  """The run assembly and loop with the paper's discriminator on a reduced EfficientNet whose weights come
+  from a .pth under the release file name: 4 iterations straight equal 2 + resume + 2 bit for bit (heads,
+  their buffers, optimisers, generator, EMA); the heads' buffers move; the generator is GDDPrecond
+  (network.json); both phases read one data batch per iteration."""
+  sys.path.insert(0, str(REPO))
+  from sida_jax import checkpoint   # pylint: disable=import-outside-toplevel
+  from sida_jax.train import loop   # pylint: disable=import-outside-toplevel
+  from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(pg, "backbone_spec", lambda name: ref.reduced_specs()[name])
+  weights = tmp_path / "weights"
+  weights.mkdir()
+  effnet = ref.reduced_specs()["tf_efficientnet_lite0"]
+  state_dict = _backbone_weights([effnet])["tf_efficientnet_lite0"]
+  zip_torch_save(_tensors(state_dict), weights / "tf_efficientnet_lite0-0aa007d2.pth")
+  config = _projected_run_config(weights)
+
+  run = run_lib.build_run(config)
+  assert run.generator_class == "GDDPrecond" and run.nets.generator.module.epsilon == 0.002
+  assert set(run.frozen_variables) == {"features"}
+  loaded = torch_layers.state_dict_from_variables(
+      {"params": run.frozen_variables["features"]["params"]["tf_efficientnet_lite0"]["backbone"]})
+  np.testing.assert_array_equal(loaded["conv_stem.weight"], state_dict["conv_stem.weight"])
+  batches = next(loop.Batches(run).iterate(0))
+  assert batches["critic"] is batches["generator"]
+  initial = jax.device_get(run_lib.initial_state(run))
+
+  straight = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "a")))
+  loop.train_and_evaluate(config, str(tmp_path / "b"), stop_after_steps=2)
+  resumed = jax.device_get(loop.train_and_evaluate(config, str(tmp_path / "b")))
+  assert int(straight.step) == int(resumed.step) == 4
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  moved = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(straight.critic.buffers, initial.critic.buffers) > 1e-3    # spectral-norm u/v, running stats
+  assert moved(straight.critic.params, initial.critic.params) > 1e-5
+  assert moved(straight.generator.params, initial.generator.params) > 1e-5
+  info = checkpoint.read_json(str(tmp_path / "a" / checkpoint.NETWORK_JSON))
+  assert info["class_name"] == "GDDPrecond" and info["init_sigma"] == 80.0
+  _, meta = checkpoint.restore_raw(str(tmp_path / "b" / "checkpoints"))
+  assert meta["data_position"] == 4 * config.batch_size   # images read: one batch per iteration
+
+
+def test_missing_feature_network_weights_fail_at_start_up(tmp_path):
+  """No silent fallback: an empty folder names every file (conditional: the class embedding too) in one line;
+  no folder at all says how to give one."""
+  sys.path.insert(0, str(REPO))
+  from sida_jax.train import run as run_lib   # pylint: disable=import-outside-toplevel
+  config = _projected_run_config(tmp_path, label_dim=10)
+  config.gdd.feature_networks = ("vgg16_bn", "tf_efficientnet_lite0")
+  with pytest.raises(FileNotFoundError) as error:
+    run_lib.build_run(config)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"missing in {tmp_path}: vgg16_bn-6c64b313.pth (")
+  assert "tf_efficientnet_lite0-0aa007d2.pth" in message and "in_embeddings/tf_efficientnet_lite0.pkl" in message
+  config.gdd.backbones = ""
+  with pytest.raises(ValueError, match=r"config.gdd.discriminator='projected' needs config.gdd.backbones=DIR "
+                                       r"holding vgg16_bn-6c64b313.pth .* \(or use config.gdd.discriminator=teacher\)"):
+    run_lib.build_run(config)
+
+
+@pytest.mark.slow
+def test_recipe_without_the_weights_stops_at_start_up_from_the_command_line(tmp_path):
+  """`main.py --config configs/cifar10_uncond.py:gdd` (the paper's discriminator by default) with an empty
+  weights folder: exits before training with the one-line message naming both files."""
+  teacher = fixtures_dir("edm") / "ve_ncsnpp.pkl"   # a (tiny) official VE teacher snapshot
+  empty = tmp_path / "weights"
+  empty.mkdir()
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  recipe = str(REPO / "configs" / "cifar10_uncond.py") + ":gdd"
+  out = subprocess.run([sys.executable, str(REPO / "main.py"), "--config", recipe,
+                        "--workdir", str(tmp_path / "w"), f"--config.teacher={teacher}",
+                        f"--config.gdd.backbones={empty}", "--config.eval_every_kimg=0"],   # no FID detector here
+                       cwd=REPO, env=env, capture_output=True, text=True)
+  assert out.returncode != 0
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"FileNotFoundError: missing in {empty}: vgg16_bn-6c64b313.pth ("), last
+  assert "tf_efficientnet_lite0-0aa007d2.pth (" in last and "in_embeddings" not in last
+  assert not (tmp_path / "w" / "checkpoints").exists()

@@ -39,6 +39,23 @@ def test_build_network_maps_official_kwargs():
   assert (vp.M, vp.beta_d, type(vp.model).__name__) == (100, 10.0, 'SongUNet')
 
 
+def test_rewrap_puts_the_same_unet_under_another_edm_preconditioner():
+  """GDD's generator: a teacher's U-Net (VP, VE or EDM class, model_type explicit or default) under GDDPrecond;
+  the old preconditioner's kwargs are dropped and the default U-Net of the old class is kept."""
+  unet = dict(img_resolution=8, img_channels=3, label_dim=10, channel_mult=[1, 2], dropout=0.0)
+  cases = {'VPPrecond': dict(beta_d=10.0, M=100), 'VEPrecond': dict(sigma_min=0.02, sigma_max=100.0),
+           'training.networks.EDMPrecond': dict(sigma_data=0.5, model_type='SongUNet')}
+  for class_name, own in cases.items():
+    kwargs = registry.rewrap(class_name, {**unet, **own}, 'GDDPrecond')
+    assert kwargs == {**unet, 'model_type': 'SongUNet' if class_name != 'training.networks.EDMPrecond' or
+                      'model_type' in own else 'DhariwalUNet'}
+    module = registry.build_network('GDDPrecond', kwargs)
+    assert isinstance(module, precond.GDDPrecond) and type(module.model).__name__ == 'SongUNet'
+  assert registry.rewrap('EDMPrecond', unet, 'GDDPrecond')['model_type'] == 'DhariwalUNet'   # EDM's default
+  with pytest.raises(ValueError, match="GDDPrecond goes around the U-Net of an EDM preconditioner .*'ToyPrecond'"):
+    registry.rewrap('ToyPrecond', {'features': [8]}, 'GDDPrecond')
+
+
 @pytest.mark.fixtures
 @pytest.mark.parametrize('kwargs_path', fixture_files('edm2', '*_kwargs.json', exclude='block_*'))
 def test_edm2_classes_are_delegated(kwargs_path):

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from sida_jax.losses import sid, sida
-from sida_jax.losses.method import CriticInputs, LazyRegularizer, Networks
+from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, LazyRegularizer, Networks
 from sida_jax.models import toy
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
@@ -238,3 +238,48 @@ def test_generator_first_and_lazy_regularizer_run_in_the_official_gdd_order():
   assert flags == [0.0, 0.0, 1.0, 0.0, 1.0]
   assert counts == [1, 2, 4, 5, 7]
   assert float(metrics["loss_reg"]) > 0
+
+
+def test_critic_buffers_returned_by_the_losses_are_written_back_in_call_order():
+  """A critic with non-trainable state (as GDD's heads): each loss returns the buffers after its calls under
+  CRITIC_BUFFERS, and the step writes them back in the order the phases run — generator first, then critic,
+  then the lazy regulariser (interval 2) — averaged over devices, and drops them from the metrics. `log`
+  appends one digit per call (1 critic, 2 generator, 3 regulariser); `mean` is a running mean of each device's
+  real images (averaging over devices gives the one-device value)."""
+  spec, variables = _setup(sid)
+
+  def with_call(buffers, digit, real=None):
+    new = {"log": buffers["buffers"]["log"] * 10 + digit, "mean": buffers["buffers"]["mean"]}
+    if real is not None:
+      new["mean"] = 0.5 * new["mean"] + 0.5 * jnp.mean(real)
+    return {"buffers": new}
+
+  def critic_loss(params, inputs):
+    loss = params["w"] ** 2 * jnp.mean(inputs.x_g ** 2)
+    return loss, {"loss_critic": loss, CRITIC_BUFFERS: with_call(inputs.critic_buffers, 1, inputs.real_images)}
+
+  def generator_loss(x_g, inputs):
+    loss = inputs.critic_variables["params"]["w"] * jnp.mean(x_g ** 2)
+    return loss, {"loss_generator": loss, CRITIC_BUFFERS: with_call(inputs.critic_variables, 2)}
+
+  def regularizer_loss(params, inputs):
+    loss = jnp.mean(params["w"] ** 2)
+    return loss, {"loss_reg": loss, CRITIC_BUFFERS: with_call(inputs.critic_buffers, 3)}
+
+  method = dataclasses.replace(spec.method, critic_loss=critic_loss, generator_loss=generator_loss,
+                               uses_real_images=True, generator_first=True,
+                               critic_regularizer=LazyRegularizer(regularizer_loss, 2))
+  spec = dataclasses.replace(spec, method=method)
+  critic = {"params": {"w": jnp.ones(())}, "buffers": {"log": jnp.zeros(()), "mean": jnp.zeros(())}}
+  states = {}
+  for devices in (1, 2):
+    state = state_lib.init_state(jax.random.key(1), variables, critic, spec.generator_tx, spec.critic_tx)
+    states[devices], history = _run(spec, variables, devices, steps=3, state=state)
+    assert all(CRITIC_BUFFERS not in metrics for metrics in history)
+  expected_mean = 0.0
+  for batch in _batches(3):
+    expected_mean = 0.5 * expected_mean + 0.5 * batch["critic"]["images"].astype(np.float64).mean()
+  for state in states.values():
+    assert float(state.critic.buffers["buffers"]["log"]) == 2121213.0
+    np.testing.assert_allclose(state.critic.buffers["buffers"]["mean"], expected_mean, rtol=1e-5)
+  assert _max_diff(states[1].critic, states[2].critic) < 1e-6

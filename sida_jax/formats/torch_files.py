@@ -209,10 +209,12 @@ class TorchModule(_ModuleTree):
     return f'TorchModule({self.class_name!r})'
 
 
+# Plain torch.nn modules a pickle may hold: the containers, and nn.Embedding for GDD's class-embedding table
+# (`in_embeddings/tf_efficientnet_lite0.pkl`, a plain pickle of an nn.Embedding written through dill).
 _CONTAINER_STUBS = {
-    name: ReadOnlyClass(name, (TorchModule,),
-                        {'__slots__': (), 'class_name': f'torch.nn.modules.container.{name}'})
-    for name in ('ModuleDict', 'ModuleList', 'Sequential')}
+    dotted: ReadOnlyClass(dotted.rsplit('.', 1)[1], (TorchModule,), {'__slots__': (), 'class_name': dotted})
+    for dotted in ('torch.nn.modules.container.ModuleDict', 'torch.nn.modules.container.ModuleList',
+                   'torch.nn.modules.container.Sequential', 'torch.nn.modules.sparse.Embedding')}
 
 
 class BoundMethodRef(ReadOnly):
@@ -479,8 +481,16 @@ def _is_container_class(value: Any) -> bool:
 
 
 _OBJECT = Marker('builtins.object')
-_CONTAINER_CLASSES = {Class(f'torch.nn.modules.container.{name}', lambda context, stub=stub: stub())
-                      for name, stub in _CONTAINER_STUBS.items()}
+_CONTAINER_CLASSES = {Class(dotted, lambda context, stub=stub: stub()) for dotted, stub in _CONTAINER_STUBS.items()}
+
+
+def _dill_load_type(context: Context, name: Any) -> Any:
+  """`dill._dill._load_type`, limited to the builtin `set` (dill's spelling of the type of an nn.Module's empty
+  `_non_persistent_buffers_set`)."""
+  if not is_one_of(name, 'set'):
+    raise UnsafePickleError(f"refusing 'dill._dill._load_type({describe(name)})' in {context.source}: "
+                            "only 'set' is allowed")
+  return pickle_lib.PLAIN_GLOBALS['builtins.set']
 
 GLOBALS: dict[str, Any] = {
     **pickle_lib.PLAIN_GLOBALS,
@@ -496,6 +506,7 @@ GLOBALS: dict[str, Any] = {
         'torch.device': _torch_device,
         'copyreg._reconstructor': _reconstructor,
         'builtins.getattr': _getattr,
+        'dill._dill._load_type': _dill_load_type,
     }),
     **{f'torch.{name}': StorageType(f'torch.{name}', np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()},
     'torch.storage.UntypedStorage': StorageType('torch.storage.UntypedStorage', np.dtype(np.uint8)),

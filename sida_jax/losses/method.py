@@ -11,7 +11,9 @@ draws, generator forward passes, augmentation, gradients, optimisers, EMA, devic
 
 Both see the per-device batch and divide their sums by its size; the step averages gradients over devices.
 A method may also ask for the generator phase to run first (`generator_first`) and for a lazy critic
-regulariser (`critic_regularizer`: its own optimiser step every few iterations). The step never branches on a
+regulariser (`critic_regularizer`: its own optimiser step every few iterations). A critic whose calls change
+its non-trainable variables (GDD's heads: batch-norm statistics, spectral-norm vectors) has each loss return
+them under `CRITIC_BUFFERS` in its metrics; the step writes them back. The step never branches on a
 method's name.
 """
 from __future__ import annotations
@@ -25,6 +27,11 @@ import jax.numpy as jnp
 from sida_jax.models.denoiser import Denoiser
 
 Array = jax.Array
+
+# Metrics key under which a loss (critic, generator or regulariser) returns the critic's non-trainable
+# variables after its calls; the step writes them into the critic state (averaged over devices) and drops the
+# key from the metrics. Losses of critics without such state leave it out.
+CRITIC_BUFFERS = "critic_buffers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +122,13 @@ class Method:
       phase (whose samples then come from the just-updated generator), as GDD's official loop; False is the
       SiD family's order.
     critic_regularizer: an optional `LazyRegularizer` (GDD's R1).
+    frozen_variables: optional teacher variables -> the frozen variables the step receives in the teacher's
+      place and the losses read as `inputs.teacher_variables` (GDD's projected discriminator: its pretrained
+      feature networks; the teacher itself is then not needed); None: the teacher's variables.
+    generator_class: official class name of the preconditioner the generator puts around the teacher's
+      network, with the teacher's weights (GDD: 'GDDPrecond'); None: the teacher's own class.
+    shared_batch: both phases of an iteration use the same data batch (GDD's official loop: the G and D
+      stages and R1 see the same real images and labels); False: a fresh batch per phase.
   """
   critic_loss: Callable[[Any, CriticInputs], tuple]
   generator_loss: Callable[[Array, GeneratorInputs], tuple]
@@ -130,6 +144,9 @@ class Method:
   init_sigma: Optional[float] = None
   generator_first: bool = False
   critic_regularizer: Optional[LazyRegularizer] = None
+  frozen_variables: Optional[Callable[[dict], dict]] = None
+  generator_class: Optional[str] = None
+  shared_batch: bool = False
 
 
 def lazy_adam_settings(method: Method, learning_rate: float, beta2: float) -> tuple:

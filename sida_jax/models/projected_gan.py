@@ -62,6 +62,7 @@ VIT_READOUT_FEATURES = {'tiny': (24, 48, 96, 192), 'small': (48, 96, 192, 384), 
 HEAD_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 VIT_INPUT_SIZE = 224
 EMBEDDING_SHAPE = (1000, 320)  # GDD's pretrained class embeddings, in_embeddings/tf_efficientnet_lite0.pkl
+_NO_OPT = {'xla_backend_optimization_level': 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -461,19 +462,24 @@ class ProjectedDiscriminator:
     mixing layers and heads; conditional heads start from `class_embedding` ([1000, 320], GDD's pretrained
     table) when given, else from N(0, 1) (the official `rand_embedding`)."""
     feature_rng, head_rng = jax.random.split(rng)
-    images = self._example_images()
+    return {'features': self.init_features(feature_rng), 'heads': self.init_heads(head_rng, class_embedding)}
+
+  def init_features(self, rng: Array) -> dict:
+    """The frozen feature networks' fresh variables (`init`'s 'features' for the same key)."""
     # Compiled without backend optimisation: optimising hundreds of random-number generators costs far
     # more compile time than the one-off run saves.
-    no_opt = {'xla_backend_optimization_level': 0}
-    features = dict(jax.jit(self.features.init, compiler_options=no_opt)(feature_rng, images))
-    # The heads' initialisation only needs the maps' shapes.
-    shapes = jax.eval_shape(self.features.apply, features, images)
+    return dict(jax.jit(self.features.init, compiler_options=_NO_OPT)(rng, self._example_images()))
+
+  def init_heads(self, rng: Array, class_embedding: Optional[np.ndarray] = None) -> dict:
+    """The heads' fresh variables (`init`'s 'heads' for the same key); only the maps' shapes are computed."""
+    images = self._example_images()
+    shapes = jax.eval_shape(lambda: self.features.apply(self.features.init(jax.random.key(0), images), images))
     maps = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    heads = dict(jax.jit(self.heads.init, static_argnums=3, compiler_options=no_opt)(
-        head_rng, maps, self._example_labels(), False))
+    heads = dict(jax.jit(self.heads.init, static_argnums=3, compiler_options=_NO_OPT)(
+        rng, maps, self._example_labels(), False))
     if class_embedding is not None:
       heads = set_class_embedding(heads, class_embedding)
-    return {'features': features, 'heads': heads}
+    return heads
 
   def load_backbones(self, variables: dict, state_dicts: Mapping[str, Mapping[str, Any]]) -> dict:
     """`variables` with each named backbone's weights replaced by its converted torchvision/timm state_dict.

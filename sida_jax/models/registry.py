@@ -48,6 +48,13 @@ def build_network(class_name: str, init_kwargs: Mapping[str, Any],
   return BUILDERS[name](class_name, init_kwargs, dtype)
 
 
+def rewrap(class_name: str, init_kwargs: Mapping[str, Any], new_class: str) -> dict:
+  """Constructor kwargs of the preconditioner `new_class` around the network that `class_name(**init_kwargs)`
+  wraps, with unchanged variables (GDD's generator: an EDM teacher's U-Net under `GDDPrecond`). Only EDM
+  preconditioners rewrap; any other class is a ValueError naming it."""
+  return edm_convert.rewrap_init_kwargs(class_name, init_kwargs, new_class)
+
+
 def denoiser_for(network_module: nn.Module, class_name: str, init_kwargs: Mapping[str, Any],
                  use_logvar: bool = False) -> Denoiser:
   """Wraps a Precond module with the facts the training code needs."""

@@ -31,7 +31,8 @@ EVAL_HISTORY = "eval_history.jsonl"   # one JSON line per periodic evaluation
 
 
 class Batches:
-  """Two host batches per iteration (critic phase, generator phase), a pure function of the step."""
+  """Two host batches per iteration (critic phase, generator phase), a pure function of the step; one batch
+  for both phases when the method shares it (GDD)."""
 
   def __init__(self, run: run_lib.Run):
     self.run = run
@@ -49,7 +50,7 @@ class Batches:
 
   def iterate(self, start_step: int, step_base: int = 0, nimg_base: int = 0) -> Iterator[dict]:
     """Batches from iteration `start_step` on. After a batch-size change at iteration `step_base` (`nimg_base`
-    images earlier), the sample stream continues where the old batch size left it (2 batches per iteration)."""
+    images earlier), the sample stream continues where the old batch size left it (`batches_per_step` batches per iteration)."""
     dataset = self.run.dataset
     if dataset is None:
       step = start_step
@@ -57,12 +58,13 @@ class Batches:
         yield {"critic": self._uniform_labels(step, 0), "generator": self._uniform_labels(step, 1)}
         step += 1
     keep_images = self.run.method.uses_real_images
+    per_step = batches_per_step(self.run)
     if keep_images:
-      it = dataset.iterate(self.run.batch_size, self.run.seed, position=2 * (start_step - step_base),
+      it = dataset.iterate(self.run.batch_size, self.run.seed, position=per_step * (start_step - step_base),
                            process_index=self.process_index, process_count=self.process_count,
-                           offset=2 * nimg_base)
+                           offset=per_step * nimg_base)
     else:   # same order as the loader, no image decoding
-      it = self._loader_labels(dataset, 2 * (start_step - step_base), 2 * nimg_base)
+      it = self._loader_labels(dataset, per_step * (start_step - step_base), per_step * nimg_base)
     label_dim = self.run.nets.generator.label_dim
     latents = dataset.name == "edm2_latents"
 
@@ -83,7 +85,8 @@ class Batches:
 
     step = start_step
     while True:
-      yield {"critic": clean(next(it), step, 0), "generator": clean(next(it), step, 1)}
+      critic = clean(next(it), step, 0)
+      yield {"critic": critic, "generator": critic if per_step == 1 else clean(next(it), step, 1)}
       step += 1
 
   def _loader_labels(self, dataset, position: int, offset: int) -> Iterator[dict]:
@@ -93,6 +96,11 @@ class Batches:
                                   self.process_index, self.process_count, offset)
       yield {"labels": dataset.labels(items)}
       position += 1
+
+
+def batches_per_step(run: run_lib.Run) -> int:
+  """Data batches one iteration reads: 1 when the method's phases share it, else 2."""
+  return 1 if run.method.shared_batch else 2
 
 
 def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
@@ -189,7 +197,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir_lib.check_resume(workdir, config)
   with workdir_lib.lock(workdir, enabled=is_main), preemption.stop_signals() as stop:
     run = run_lib.build_run(config)
-    network = {"class_name": run.class_name, "init_kwargs": run.train_kwargs, "init_sigma": run.spec.init_sigma}
+    network = {"class_name": run.generator_class, "init_kwargs": run.generator_kwargs,
+               "init_sigma": run.spec.init_sigma}
     workdir_lib.check_network(workdir, network)
     if is_main:
       workdir_lib.record(workdir, config, network)
@@ -216,7 +225,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
     evaluation_due = bool(meta.get("evaluation_due"))
     logging.info("resumed from %s/%d (%.3f kimg)", ckpt_dir, int(meta["step"]),
                  float(jax.device_get(state.nimg(batch))) / 1000)
-  teacher_variables = place_state(run.teacher.variables, mesh)
+  teacher_variables = place_state(run.frozen_variables, mesh)   # the teacher, or the method's
   step_base, nimg_base = int(state.step_base), int(state.nimg_base)
   images = lambda step: nimg_base + (step - step_base) * batch   # images seen after `step` iterations
   total_steps = step_base + int(math.ceil((config.total_kimg * 1000 - nimg_base) / batch))
@@ -240,7 +249,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
 
   def save(done: int) -> None:
     meta = {"step": done, "kimg": images(done) / 1000, "nimg": images(done), "batch_size": batch,
-            "data_position": 2 * images(done), "evaluation_due": evaluation_due,
+            "data_position": batches_per_step(run) * images(done), "evaluation_due": evaluation_due,
             "best_fid": best["fid"] if math.isfinite(best["fid"]) else None}
     checkpoint.save(mngr, done, state, meta)
 

@@ -20,11 +20,12 @@ import ml_collections
 
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
+from sida_jax.formats import feature_networks
 from sida_jax.losses import method as method_lib
 from sida_jax.losses.method import Method, Networks
 from sida_jax.models import convert
 from sida_jax.models.edm2 import networks as edm2
-from sida_jax.models.registry import Network, build_network, denoiser_for, is_edm2_class
+from sida_jax.models.registry import Network, build_network, denoiser_for, is_edm2_class, rewrap
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -37,6 +38,8 @@ class Run:
   """Everything static about a distillation run."""
   teacher: Network
   train_kwargs: dict          # constructor kwargs of generator and critic (dropout overridden)
+  generator_class: str        # official class name of the generator (the teacher's, or the method's)
+  generator_kwargs: dict      # its constructor kwargs
   nets: Networks
   method: Method
   spec: step_lib.StepSpec
@@ -51,6 +54,12 @@ class Run:
   @property
   def class_name(self) -> str:
     return self.teacher.class_name
+
+  @property
+  def frozen_variables(self) -> dict:
+    """The step's frozen argument: the teacher's variables, or what the method makes of them."""
+    frozen = self.method.frozen_variables
+    return self.teacher.variables if frozen is None else frozen(self.teacher.variables)
 
   @functools.cached_property
   def generate(self):
@@ -98,11 +107,27 @@ def make_augment(probability: float, augment_dim: int):
   return lambda rng, images: augment_lib.augment(rng, images, aug_config)
 
 
-def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks) -> Method:
-  """The method `name`: the module sida_jax/losses/<name>.py, whose make() reads its own settings."""
+def method_weights(config: ml_collections.ConfigDict, label_dim: int) -> dict:
+  """Pretrained files the method's config names besides the teacher, read here as plain arrays and handed to
+  its make(): GDD's projected discriminator (config.gdd.backbones: its feature networks and, conditional, its
+  class embedding). {} for every other configuration."""
+  gdd = config.get("gdd")
+  if config.method != "gdd" or gdd is None or gdd.discriminator != "projected":
+    return {}
+  names = tuple(gdd.feature_networks)
+  if not gdd.backbones:
+    raise ValueError("config.gdd.discriminator='projected' needs config.gdd.backbones=DIR holding "
+                     f"{feature_networks.describe(names, bool(label_dim))} (or use config.gdd.discriminator=teacher)")
+  weights, table = feature_networks.read(gdd.backbones, names, class_embedding=bool(label_dim))
+  return {"feature_weights": weights, "class_embedding": table}
+
+
+def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks, **weights) -> Method:
+  """The method `name`: the module sida_jax/losses/<name>.py, whose make() reads its own settings
+  (`weights`: the arrays of `method_weights`)."""
   if name not in METHODS:
     raise ValueError(f"config.method={name!r} is not one of {', '.join(METHODS)}")
-  return importlib.import_module(f"sida_jax.losses.{name}").make(config, nets)
+  return importlib.import_module(f"sida_jax.losses.{name}").make(config, nets, **weights)
 
 
 def build_run(config: ml_collections.ConfigDict) -> Run:
@@ -118,7 +143,14 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   trained = denoiser_for(module, teacher.class_name, kwargs, config.loss.use_logvar)
   nets = Networks(teacher=denoiser_for(teacher.module, teacher.class_name, teacher.init_kwargs),
                   critic=trained, generator=dataclasses.replace(trained, has_logvar=False))
-  method = make_method(config.method, config, nets)
+  method = make_method(config.method, config, nets, **method_weights(config, trained.label_dim))
+  generator_class, generator_kwargs = teacher.class_name, kwargs
+  if method.generator_class:
+    # The method's own preconditioning around the teacher's network and weights (GDD's GDDPrecond).
+    generator_class = method.generator_class
+    generator_kwargs = rewrap(teacher.class_name, kwargs, generator_class)
+    generator = build_network(generator_class, generator_kwargs, dtype)
+    nets = dataclasses.replace(nets, generator=denoiser_for(generator, generator_class, generator_kwargs))
   res, channels = int(kwargs["img_resolution"]), int(kwargs["img_channels"])
   image_shape = (res, res, channels)
   dataset = make_dataset(config.data.to_dict())
@@ -147,7 +179,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
                                          trainable_mask=method.critic_trainable_mask),
       ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
       augment_fn=augment_fn, generator_train_transform=transform, critic_train_transform=transform)
-  return Run(teacher=teacher, train_kwargs=kwargs, nets=nets, method=method, spec=spec, dataset=dataset,
+  return Run(teacher=teacher, train_kwargs=kwargs, generator_class=generator_class,
+             generator_kwargs=generator_kwargs, nets=nets, method=method, spec=spec, dataset=dataset,
              image_shape=image_shape, batch_size=config.batch_size, seed=config.seed,
              generator_init=config.generator_init, dtype=dtype,
              sample_rng=config.sample.rng)

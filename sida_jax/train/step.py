@@ -7,6 +7,8 @@ One iteration, in the official order (REFERENCE_CODE.md §1.3, §1.6):
      with gradients through x_g and through x_t into the frozen teacher and the just-updated critic;
      the update is applied only where the method's gate allows (SiDA stage 1);
   3. EMA of the generator parameters, with the pre-step image count.
+A critic whose calls change its non-trainable variables (GDD's heads) gets them back from each loss
+(`CRITIC_BUFFERS`), averaged over devices, in call order.
 A method with `generator_first` (GDD, REFERENCE_CODE.md §4.1) swaps 1 and 2: its generator trains against the
 previous iteration's critic and the critic then sees samples of the updated generator. A method with a lazy
 `critic_regularizer` (GDD's R1) gets one more critic optimiser step after both phases every `interval`
@@ -30,7 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sida_jax import sampling
-from sida_jax.losses.method import CriticInputs, GeneratorInputs, Method, Networks
+from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Method, Networks
 from sida_jax.train import state as state_lib
 
 Array = jax.Array
@@ -76,6 +78,14 @@ def _mean_over_devices(tree, axis_name):
   return jax.lax.pmean(tree, axis_name) if axis_name else tree
 
 
+def _write_back_buffers(metrics: dict, critic: state_lib.TrainedNetwork, axis_name):
+  """(metrics without CRITIC_BUFFERS, critic holding the buffers a loss returned there, averaged over devices)."""
+  if CRITIC_BUFFERS not in metrics:
+    return metrics, critic
+  metrics = dict(metrics)
+  return metrics, critic.replace(buffers=_mean_over_devices(metrics.pop(CRITIC_BUFFERS), axis_name))
+
+
 def _count_nonfinite(grads) -> Array:
   return sum(jnp.sum(~jnp.isfinite(g)).astype(jnp.int32) for g in jax.tree.leaves(grads))
 
@@ -109,6 +119,7 @@ def critic_phase(spec: StepSpec, state: state_lib.DistillState, teacher_variable
   grads = _mean_over_devices(grads, axis_name)
   updates, opt_state = spec.critic_tx.update(grads, state.critic.opt_state, params)
   new = state.critic.replace(params=optax.apply_updates(params, updates), opt_state=opt_state)
+  metrics, new = _write_back_buffers(metrics, new, axis_name)
   return new, loss, metrics, grads
 
 
@@ -116,7 +127,7 @@ def generator_phase(spec: StepSpec, state: state_lib.DistillState, critic: state
                     teacher_variables: dict, batch: dict, draws: dict, rng: Array,
                     axis_name: Optional[str] = None):
   """The generator update against the given (already updated) critic. Returns (new generator, loss,
-  metrics, grads)."""
+  metrics, grads); the metrics may carry the critic's buffers after this phase (CRITIC_BUFFERS)."""
   nimg = state.nimg(spec.batch_size)
   labels = batch.get("labels")
   real = batch.get("images") if spec.method.uses_real_images else None
@@ -162,10 +173,12 @@ def regularizer_phase(spec: StepSpec, state: state_lib.DistillState, critic: sta
     grads = _mean_over_devices(grads, axis_name)
     updates, opt_state = spec.critic_tx.update(grads, critic.opt_state, params)
     new = critic.replace(params=optax.apply_updates(params, updates), opt_state=opt_state)
+    metrics, new = _write_back_buffers(metrics, new, axis_name)
     return new, metrics, _count_nonfinite(grads)
 
   def skip(critic):
-    shapes = jax.eval_shape(lambda p: gained(p)[1], critic.params)
+    without_buffers = lambda metrics: {k: v for k, v in metrics.items() if k != CRITIC_BUFFERS}
+    shapes = jax.eval_shape(lambda p: without_buffers(gained(p)[1]), critic.params)
     return critic, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), jnp.zeros((), jnp.int32)
 
   critic, metrics, bad = jax.lax.cond(due, regularize, skip, critic)
@@ -182,14 +195,16 @@ def step_body(spec: StepSpec, state: state_lib.DistillState, teacher_variables: 
   if spec.method.generator_first:
     generator, g_loss, g_metrics, g_grads = generator_phase(
         spec, state, state.critic, teacher_variables, batch["generator"], draws["generator"], k_gen, axis_name)
+    g_metrics, critic = _write_back_buffers(g_metrics, state.critic, axis_name)
     critic, c_loss, c_metrics, c_grads = critic_phase(
-        spec, state.replace(generator=generator), teacher_variables, batch["critic"], draws["critic"], k_critic,
-        axis_name)
+        spec, state.replace(generator=generator, critic=critic), teacher_variables, batch["critic"],
+        draws["critic"], k_critic, axis_name)
   else:
     critic, c_loss, c_metrics, c_grads = critic_phase(
         spec, state, teacher_variables, batch["critic"], draws["critic"], k_critic, axis_name)
     generator, g_loss, g_metrics, g_grads = generator_phase(
         spec, state, critic, teacher_variables, batch["generator"], draws["generator"], k_gen, axis_name)
+    g_metrics, critic = _write_back_buffers(g_metrics, critic, axis_name)
   nimg = state.nimg(spec.batch_size)
   beta = state_lib.ema_beta(nimg, spec.batch_size, spec.ema_halflife_mimg, spec.ema_rampup_ratio)
   ema = state_lib.ema_update(state.generator_ema, generator.params, beta)

@@ -16,7 +16,8 @@ from sida_jax.models.edm import layers, precond, unets
 
 # Official class names (EDM, and SiDA's encoder/decoder variants of the same networks).
 _PRECONDS = {'EDMPrecond': precond.EDMPrecond, 'VPPrecond': precond.VPPrecond,
-             'VEPrecond': precond.VEPrecond, 'EDMPrecond_EncoderDecoder': precond.EDMPrecond}
+             'VEPrecond': precond.VEPrecond, 'EDMPrecond_EncoderDecoder': precond.EDMPrecond,
+             'GDDPrecond': precond.GDDPrecond}
 PRECOND_CLASSES = tuple(_PRECONDS)
 _UNETS = {'SongUNet': unets.SongUNet, 'DhariwalUNet': unets.DhariwalUNet,
           'SongUNet_EncoderDecoder': unets.SongUNet, 'DhariwalUNet_EncoderDecoder': unets.DhariwalUNet}
@@ -27,9 +28,10 @@ _PRECOND_KWARGS = {
     'EDMPrecond_EncoderDecoder': _EDM_PRECOND_KWARGS,
     'VPPrecond': ('beta_d', 'beta_min', 'M', 'epsilon_t'),
     'VEPrecond': ('sigma_min', 'sigma_max'),
+    'GDDPrecond': _EDM_PRECOND_KWARGS,
 }
 _PRECOND_DEFAULT_MODEL = {'EDMPrecond': 'DhariwalUNet', 'VPPrecond': 'SongUNet', 'VEPrecond': 'SongUNet',
-                          'EDMPrecond_EncoderDecoder': 'SongUNet_EncoderDecoder'}
+                          'EDMPrecond_EncoderDecoder': 'SongUNet_EncoderDecoder', 'GDDPrecond': 'DhariwalUNet'}
 
 
 def _field_names(cls: type) -> set[str]:
@@ -94,3 +96,19 @@ def from_init_kwargs(class_name: str, init_kwargs: Mapping[str, Any], dtype: Any
   model_type = kwargs.pop('model_type', _PRECOND_DEFAULT_MODEL[name])
   model = _build_unet(model_type, dict(kwargs, in_channels=img_channels, out_channels=img_channels))
   return _PRECONDS[name](model=model, dtype=dtype, **precond_kwargs)
+
+
+def rewrap_init_kwargs(class_name: str, init_kwargs: Mapping[str, Any], new_class: str) -> dict:
+  """Constructor kwargs of the EDM preconditioner `new_class` around the U-Net that `class_name(**init_kwargs)`
+  wraps (GDD's generator: the teacher's U-Net under `GDDPrecond`). The old preconditioner's own kwargs are
+  dropped and the U-Net's `model_type` is made explicit (the default differs between classes); the
+  variables carry over unchanged (every preconditioner holds the U-Net as `model`)."""
+  name, new = class_name.rsplit('.', 1)[-1], new_class.rsplit('.', 1)[-1]
+  for n, c in ((name, class_name), (new, new_class)):
+    if n not in _PRECONDS:
+      raise ValueError(f'{new_class} goes around the U-Net of an EDM preconditioner ({", ".join(_PRECONDS)}); '
+                       f'{c!r} is not one')
+  kwargs = {k: v for k, v in init_kwargs.items() if k not in _PRECOND_KWARGS[name]}
+  model_type = kwargs.get('model_type', _PRECOND_DEFAULT_MODEL[name])
+  kwargs['model_type'] = model_type.replace('_EncoderDecoder', '')
+  return kwargs

@@ -59,6 +59,16 @@ def ve_coefficients(sigma: Array) -> Coefficients:
   return Coefficients(c_skip=1.0, c_out=sigma, c_in=1.0, c_noise=jnp.log(0.5 * sigma))
 
 
+def gdd_coefficients(sigma: Array, sigma_data: float = 0.5, epsilon: float = 0.002) -> Coefficients:
+  """GDD's generator (Zyriix/GDD `GDDPrecond`): EDM's c_in and c_noise with the consistency-model c_skip and
+  c_out (Song et al. 2023), which make D(x; ε) = x."""
+  var = jnp.square(sigma) + sigma_data ** 2
+  return Coefficients(c_skip=sigma_data ** 2 / (jnp.square(sigma - epsilon) + sigma_data ** 2),
+                      c_out=(sigma - epsilon) * sigma_data / jnp.sqrt(var),
+                      c_in=1 / jnp.sqrt(var),
+                      c_noise=jnp.log(sigma) / 4)
+
+
 class _Precond(nn.Module):
   """Shared forward of the EDM preconditioners; subclasses define `coefficients`."""
   model: nn.Module
@@ -145,3 +155,16 @@ class VEPrecond(_Precond):
 
   def coefficients(self, sigma: Array) -> Coefficients:
     return ve_coefficients(sigma)
+
+
+class GDDPrecond(_Precond):
+  """GDD's one-step generator (`training.networks.GDDPrecond`): a teacher's U-Net (VE NCSN++ or ADM weights)
+  under EDM's c_in/c_noise and the consistency-model c_skip/c_out; GDD calls it on 80·z at σ = 80.
+  `epsilon` is fixed in the official class (not a constructor argument)."""
+  sigma_min: float = 0.0
+  sigma_max: float = math.inf
+  sigma_data: float = 0.5
+  epsilon: float = 0.002
+
+  def coefficients(self, sigma: Array) -> Coefficients:
+    return gdd_coefficients(sigma, self.sigma_data, self.epsilon)
