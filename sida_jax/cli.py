@@ -31,6 +31,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _periodic_evaluator(config):
   """evaluate_fn(run, ema_variables) -> results, for train_and_evaluate."""
+  if config.eval.prompts:
+    return _text_to_image_evaluator(config)
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference_cache = {}
 
@@ -86,20 +88,26 @@ def _generator(config, workdir):
 
 
 def sample(config, workdir):
-  """PNGs under workdir/samples and samples.npz (uint8 images, seeds, labels) for config.sample.seeds."""
-  generate, image_shape, label_dim, what = _generator(config, workdir)
+  """PNGs under workdir/samples and samples.npz (uint8 images, seeds, labels) for config.sample.seeds; with
+  config.sample.prompts (text-to-image) image i gets prompt i mod their number (stored as `prompts`)."""
   seeds = sampling.parse_seeds(config.sample.seeds)
+  if config.sample.prompts:
+    images, prompts, what = _text_to_image_samples(config, workdir, seeds)
+    extra = {"prompts": prompts}
+  else:
+    generate, image_shape, label_dim, what = _generator(config, workdir)
+    images = np.concatenate(list(evaluation.generated_batches(generate, seeds, image_shape, label_dim,
+                                                              config.sample.batch_size, config.sample.rng)))
+    _, labels = sampling.seed_noise(seeds, image_shape, label_dim, config.sample.rng)
+    extra = {"labels": labels} if labels is not None else {}
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  images = np.concatenate(list(evaluation.generated_batches(generate, seeds, image_shape, label_dim,
-                                                            config.sample.batch_size, config.sample.rng)))
-  _, labels = sampling.seed_noise(seeds, image_shape, label_dim, config.sample.rng)
   if config.sample.write_png:
     for seed, img in zip(seeds, images):
       PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
           os.path.join(out_dir, f"{seed:06d}.png"))
   tmp = os.path.join(out_dir, "samples.tmp.npz")
-  np.savez(tmp, images=images, seeds=np.asarray(seeds), **({"labels": labels} if labels is not None else {}))
+  np.savez(tmp, images=images, seeds=np.asarray(seeds), **extra)
   os.replace(tmp, os.path.join(out_dir, "samples.npz"))
   grid = loop.image_grid(images[:64])
   PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out_dir, "grid.png"))
@@ -107,6 +115,8 @@ def sample(config, workdir):
 
 
 def evaluate(config, workdir):
+  if config.eval.prompts:
+    return _evaluate_text_to_image(config, workdir)
   generate, image_shape, label_dim, what = _generator(config, workdir)
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference = evaluation.reference_statistics(detector, config.eval.ref_stats, image_shape[0])
@@ -279,3 +289,53 @@ def _summary_table(summary: dict, methods: list) -> str:
       rows.append(f"| {m} (one step) | 1 | {s['final_fid']:.3f} (best {s['best_fid']:.3f}) | {s['kimg']} | "
                   f"{s['train_seconds']:.0f} |")
   return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text-to-image (a Stable Diffusion pipeline folder as config.teacher).
+
+
+def _text_to_image_samples(config, workdir, seeds):
+  """(uint8 images, their prompts, description) of a text-to-image workdir's EMA generator."""
+  from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  gen = t2i.load_generator(config.sample.source or workdir, config.teacher, run_lib.compute_dtype(config.dtype),
+                           config.data.resolution)
+  prompts = prompts_lib.read_prompts(config.sample.prompts).prompts
+  images = np.concatenate(list(text_to_image.generated_images(gen.generate, gen.text, gen.latent_shape, seeds,
+                                                              prompts, config.sample.batch_size,
+                                                              config.sample.rng)))
+  return images, np.asarray([prompts[i % len(prompts)] for i in range(len(seeds))]), gen.description
+
+
+def _text_to_image_fid(config, generate, text, latent_shape):
+  from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
+  if not config.eval.ref_stats:
+    raise ValueError("config.eval.ref_stats: the reference statistics (.npz with mu, sigma) of the evaluation "
+                     "images (e.g. COCO-2014 val at 256²) are required")
+  reference = evaluation.reference_statistics(detector, config.eval.ref_stats, config.eval.resolution)
+  prompts = prompts_lib.read_prompts(config.eval.prompts).prompts
+  return text_to_image.evaluate(generate, text, latent_shape, prompts, detector, reference, config.eval.num_images,
+                                config.eval.batch_size, config.eval.seed_offset, config.eval.resolution,
+                                config.sample.rng)
+
+
+def _text_to_image_evaluator(config):
+  def evaluate_fn(run, ema_variables):
+    return _text_to_image_fid(config, lambda z, y: run.generate(ema_variables, z, y), run.text, run.image_shape)
+  return evaluate_fn
+
+
+def _evaluate_text_to_image(config, workdir):
+  """FID of a text-to-image workdir's EMA generator on config.eval.prompts against config.eval.ref_stats."""
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  gen = t2i.load_generator(config.sample.source or workdir, config.teacher, run_lib.compute_dtype(config.dtype),
+                           config.data.resolution)
+  results = {k: float(v) for k, v in _text_to_image_fid(config, gen.generate, gen.text, gen.latent_shape).items()}
+  results.update(source=gen.description, detector=config.eval.detector, num_images=config.eval.num_images,
+                 prompts=config.eval.prompts, resolution=config.eval.resolution)
+  checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
+  logging.info("evaluation of %s: %s", gen.description, results)

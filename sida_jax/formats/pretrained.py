@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -102,10 +102,10 @@ class Pipeline:
   """The parts of a text-to-image pipeline folder that distillation uses: Stable Diffusion (`unet`, CLIP
   text encoder and tokenizer) or PixArt (`transformer`, T5 text encoder and tokenizer)."""
   class_name: str
-  text_encoder: PretrainedNetwork
-  tokenizer: Any  # sida_jax.text.CLIPTokenizer or T5Tokenizer
-  vae: PretrainedNetwork
-  scheduler: dict  # scheduler_config.json, with its `_class_name`
+  text_encoder: Optional[PretrainedNetwork] = None
+  tokenizer: Any = None  # sida_jax.text.CLIPTokenizer or T5Tokenizer
+  vae: Optional[PretrainedNetwork] = None
+  scheduler: Optional[dict] = None  # scheduler_config.json, with its `_class_name`
   unet: Optional[PretrainedNetwork] = None
   transformer: Optional[PretrainedNetwork] = None
 
@@ -237,30 +237,40 @@ def _index_entry(index: Mapping[str, Any], part: str, index_path: str) -> str:
   return entry[1]
 
 
-def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None) -> Pipeline:
+def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
+                  parts: Optional[Sequence[str]] = None) -> Pipeline:
   """A pipeline folder: `model_index.json` naming unet/ (Stable Diffusion) or transformer/ (PixArt),
-  text_encoder/, tokenizer/, vae/ and scheduler/ (other parts, such as the safety checker, are not loaded)."""
+  text_encoder/, tokenizer/, vae/ and scheduler/ (other parts, such as the safety checker, are not loaded).
+
+  `parts` loads only those entries (e.g. the text side without the 3.4 GB U-Net); the others are None.
+  """
   index_path = os.path.join(folder, MODEL_INDEX)
   index = _read_json(index_path)
   present = [part for part in DENOISER_PARTS if index.get(part) is not None]
   if len(present) != 1:
     raise ValueError(f'{index_path}: no {DENOISER_PARTS[0]!r} entry [library, class]' if not present else
                      f'{index_path}: both {" and ".join(map(repr, present))} entries (expected one denoiser)')
-  parts = {}
-  for part in present + list(_PIPELINE_PARTS):
+  wanted = present + list(_PIPELINE_PARTS)
+  if parts is not None:
+    unknown = sorted(set(parts) - set(wanted))
+    if unknown:
+      raise ValueError(f'{index_path}: no part {unknown[0]!r} to load (parts: {", ".join(wanted)})')
+    wanted = [part for part in wanted if part in parts]
+  loaded = {}
+  for part in wanted:
     declared = _index_entry(index, part, index_path)
     sub = os.path.join(folder, part)
     if part == 'tokenizer':
-      parts[part] = _load_tokenizer(sub, declared, index_path)
+      loaded[part] = _load_tokenizer(sub, declared, index_path)
     elif part == 'scheduler':
       scheduler = _read_json(os.path.join(sub, SCHEDULER_CONFIG))
-      parts[part] = dict(scheduler, _class_name=scheduler.get('_class_name', declared))
+      loaded[part] = dict(scheduler, _class_name=scheduler.get('_class_name', declared))
     else:
       network = load_network(sub, dtype, variant)
       if not _same_architecture(declared, network.class_name):
         raise ValueError(f'{index_path}: {part} is declared {declared!r} but {sub} holds {network.class_name!r}')
-      parts[part] = network
-  return Pipeline(class_name=index.get('_class_name', ''), **parts)
+      loaded[part] = network
+  return Pipeline(class_name=index.get('_class_name', ''), **loaded)
 
 
 def load_pretrained(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None):

@@ -43,6 +43,9 @@ class Batches:
     return {"labels": np.eye(label_dim, dtype=np.float32)[rows]}
 
   def iterate(self, start_step: int) -> Iterator[dict]:
+    if self.run.text is not None:   # text-to-image: prompt token ids (embedded on the devices)
+      yield from self.run.text.host_batches(self.run.batch_size, self.run.seed, start_step, self.process_index,
+                                            self.process_count)
     dataset = self.run.dataset
     if dataset is None:
       step = start_step
@@ -88,7 +91,14 @@ class Batches:
 
 
 def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
-  """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint)."""
+  """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint); text-to-image
+  runs show the first 16 seeds, image i conditioned on training prompt i and decoded by the VAE 8 at a time."""
+  if run.text is not None:
+    from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+    seeds = list(seeds)[:16]
+    generate = lambda z, y: run.generate(ema_variables, z, y)
+    return image_grid(np.concatenate(list(text_to_image.generated_images(
+        generate, run.text, run.image_shape, seeds, run.text.prompts.prompts[:len(seeds)], 8, run.sample_rng))))
   z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim,
                                   run.sample_rng)
   images = run.generate(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
@@ -177,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t_start = time.time()
   bar = progress_bar(total_steps * batch / 1000, start * batch / 1000, config.method)
   for step in range(start, end):
-    state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
+    state, metrics = train_step(state, teacher_variables, run.device_batch(step_lib.shard_batch(next(batches), mesh)))
     done = step + 1
     bar.update(batch / 1000)
     if crosses_kimg(config.log_every_kimg, step, batch) or done == end:
