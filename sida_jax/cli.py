@@ -309,24 +309,27 @@ def _text_to_image_samples(config, workdir, seeds):
   return images, np.asarray([prompts[i % len(prompts)] for i in range(len(seeds))]), gen.description
 
 
-def _text_to_image_fid(config, generate, text, latent_shape):
+def _text_to_image_fid(config):
+  """fid(generate, text, latent_shape) -> results on config.eval.prompts; detector and reference read once."""
   from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
   from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
-  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   if not config.eval.ref_stats:
     raise ValueError("config.eval.ref_stats: the reference statistics (.npz with mu, sigma) of the evaluation "
                      "images (e.g. COCO-2014 val at 256²) are required")
+  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference = evaluation.reference_statistics(detector, config.eval.ref_stats, config.eval.resolution)
   prompts = prompts_lib.read_prompts(config.eval.prompts).prompts
-  return text_to_image.evaluate(generate, text, latent_shape, prompts, detector, reference, config.eval.num_images,
-                                config.eval.batch_size, config.eval.seed_offset, config.eval.resolution,
-                                config.sample.rng)
+
+  def fid(generate, text, latent_shape):
+    return text_to_image.evaluate(generate, text, latent_shape, prompts, detector, reference,
+                                  config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
+                                  config.eval.resolution, config.sample.rng)
+  return fid
 
 
 def _text_to_image_evaluator(config):
-  def evaluate_fn(run, ema_variables):
-    return _text_to_image_fid(config, lambda z, y: run.generate(ema_variables, z, y), run.text, run.image_shape)
-  return evaluate_fn
+  fid = _text_to_image_fid(config)
+  return lambda run, ema_variables: fid(lambda z, y: run.generate(ema_variables, z, y), run.text, run.image_shape)
 
 
 def _evaluate_text_to_image(config, workdir):
@@ -334,7 +337,7 @@ def _evaluate_text_to_image(config, workdir):
   from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
   gen = t2i.load_generator(config.sample.source or workdir, config.teacher, run_lib.compute_dtype(config.dtype),
                            config.data.resolution)
-  results = {k: float(v) for k, v in _text_to_image_fid(config, gen.generate, gen.text, gen.latent_shape).items()}
+  results = {k: float(v) for k, v in _text_to_image_fid(config)(gen.generate, gen.text, gen.latent_shape).items()}
   results.update(source=gen.description, detector=config.eval.detector, num_images=config.eval.num_images,
                  prompts=config.eval.prompts, resolution=config.eval.resolution)
   checkpoint.write_json(os.path.join(workdir, "eval.json"), results)

@@ -228,3 +228,14 @@ def test_pipeline_index_errors(tmp_path):
   (folder / 'model_index.json').write_text(json.dumps(dict(index, tokenizer=['transformers', 'LlamaTokenizer'])))
   with pytest.raises(ValueError, match="unsupported tokenizer class 'LlamaTokenizer'"):
     pretrained.load_pretrained(folder)
+
+
+def test_pipeline_parts(tmp_path):
+  """`parts` loads only some entries (the text side without the U-Net); the others stay None."""
+  pytest.importorskip('tokenizers', reason='the pipeline tokenizer needs the tokenizers package')
+  sd = pretrained.load_pipeline(str(DATA / 'tiny-sd'), parts=('vae', 'scheduler'))
+  assert sd.unet is None and sd.text_encoder is None and sd.tokenizer is None and sd.denoiser is None
+  assert sd.scheduler['beta_schedule'] == 'scaled_linear'
+  assert_close(sd.vae(nhwc(REF['vae_z']), method='decode'), nhwc(REF['vae_image']), 1e-4, 'vae decode')
+  with pytest.raises(ValueError, match="no part 'transformer' to load"):
+    pretrained.load_pipeline(str(DATA / 'tiny-sd'), parts=('transformer',))

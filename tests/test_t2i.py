@@ -11,7 +11,8 @@ import PIL.Image
 import pytest
 
 from configs import base
-from sida_jax import checkpoint, cli
+from sida_jax import checkpoint, cli, evaluation
+from sida_jax.metrics import fid as fid_lib
 from sida_jax.train import loop, step as step_lib
 from sida_jax.train import run as run_lib
 from sida_jax.train import t2i
@@ -119,6 +120,18 @@ def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
   again = np.load(workdir / 'samples' / 'samples.npz')
   np.testing.assert_array_equal(again['images'][1], samples['images'][1])
   assert not np.array_equal(again['images'][0], samples['images'][0])
+
+  # --mode eval: FID of the EMA generator on config.eval.prompts against given reference statistics (here the
+  # offline MNIST feature detector and statistics of random images: the plumbing, not a meaningful number).
+  detector = evaluation.make_detector('mnist')
+  mu, sigma, _, _ = detector.statistics([np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), np.uint8)])
+  fid_lib.save_reference_stats(str(tmp_path / 'ref.npz'), mu, sigma)
+  with config.unlocked():
+    config.eval.update(prompts=str(prompts), detector='mnist', ref_stats=str(tmp_path / 'ref.npz'), num_images=4,
+                       batch_size=2, resolution=0)
+  cli.run('eval', config, str(workdir))
+  results = json.loads((workdir / 'eval.json').read_text())
+  assert np.isfinite(results['fid']) and results['fid'] > 0 and results['num_images'] == 4
 
 
 def test_refusals(tmp_path):
