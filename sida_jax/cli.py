@@ -33,6 +33,7 @@ def _periodic_evaluator(config):
   """evaluate_fn(run, ema_variables) -> results, for train_and_evaluate."""
   if config.eval.prompts:
     return _text_to_image_evaluator(config)
+  _refuse_text_to_image(config.teacher, "config.eval.prompts")
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference_cache = {}
 
@@ -63,6 +64,8 @@ def _generator(config, workdir):
   """(generate(z, labels) -> images, image_shape, label_dim, description) of the configured source."""
   source = config.sample.source or workdir
   dtype = run_lib.compute_dtype(config.dtype)
+  _refuse_text_to_image(config.teacher if config.sample.teacher_steps > 0 else source,
+                        "config.sample.prompts (sampling) or config.eval.prompts (evaluation)")
   if config.sample.teacher_steps > 0:
     net = run_lib.load_teacher(config.teacher, config.teacher_key, config.network.class_name,
                                config.network.kwargs.to_dict(), config.seed, dtype)
@@ -293,6 +296,13 @@ def _summary_table(summary: dict, methods: list) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Text-to-image (a Stable Diffusion pipeline folder as config.teacher).
+
+
+def _refuse_text_to_image(path, key):
+  """A text-to-image teacher folder or workdir on a path for image-only networks: name the missing setting."""
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  if t2i.is_pipeline_folder(path) or t2i.is_text_to_image_workdir(path):
+    raise ValueError(f"{key}: {path} is text-to-image, its generator needs prompts")
 
 
 def _text_to_image_samples(config, workdir, seeds):

@@ -100,15 +100,16 @@ class TextConditioning:
     return self._decode(self.vae.variables, latents)
 
 
-def load_text_side(folder: str, dtype: Any = jnp.float32) -> tuple:
-  """(TextConditioning without prompts, the pipeline's denoiser folder) of a Stable Diffusion pipeline
-  folder: tokenizer, text encoder (computing in `dtype`), the empty prompt's embedding and the VAE (always
-  float32, as the official code upcasts it: SD's VAE overflows in half precision)."""
+def load_text_side(folder: str, dtype: Any = jnp.float32) -> TextConditioning:
+  """The TextConditioning (without prompts) of a Stable Diffusion pipeline folder: tokenizer, text encoder
+  (computing in `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts
+  it: SD's VAE overflows in half precision). The U-Net is not read."""
   index_path = os.path.join(folder, pretrained.MODEL_INDEX)
   if not os.path.isfile(index_path):
     raise FileNotFoundError(f'{folder}: not a pipeline folder (no {pretrained.MODEL_INDEX})')
-  pipe = pretrained.load_pipeline(folder, dtype, parts=('text_encoder', 'tokenizer', 'vae'))
-  text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+  pipe = pretrained.load_pipeline(folder, dtype, parts=('text_encoder', 'tokenizer'))
+  vae = pretrained.load_pipeline(folder, jnp.float32, parts=('vae',)).vae
+  text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=vae,
                           null_embedding=np.zeros((0,), np.float32))
   null = np.asarray(text.embed_prompts(['']), np.float32)
   return dataclasses.replace(text, null_embedding=null)

@@ -132,6 +132,11 @@ def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
   cli.run('eval', config, str(workdir))
   results = json.loads((workdir / 'eval.json').read_text())
   assert np.isfinite(results['fid']) and results['fid'] > 0 and results['num_images'] == 4
+  with config.unlocked():
+    config.sample.prompts = ''
+  with pytest.raises(ValueError, match='config.sample.prompts .sampling. or config.eval.prompts .evaluation.: .* is '
+                                       'text-to-image'):
+    cli.run('sample', config, str(workdir))
 
 
 def test_refusals(tmp_path):

@@ -35,6 +35,10 @@ def test_text_side_of_the_pipeline(text):
   z = np.random.default_rng(0).standard_normal((2, *LATENT)).astype(np.float32)
   expected = text.vae(z / text.vae.config['scaling_factor'], method='decode')
   np.testing.assert_allclose(text.decode(z), expected, rtol=1e-6, atol=1e-6)
+  # bfloat16 runs: the text encoder computes in bfloat16, the VAE stays float32 (as the official code upcasts it).
+  half = text_to_image.load_text_side(str(PIPE), jnp.bfloat16)
+  assert half.text_encoder.module.dtype == jnp.bfloat16 and half.vae.module.dtype == jnp.float32
+  np.testing.assert_allclose(half.null_embedding, text.null_embedding, atol=0.05 * np.abs(text.null_embedding).max())
 
 
 def test_images_pair_seed_i_with_prompt_i_mod_n_whatever_the_batch(text):

@@ -46,6 +46,7 @@ class Batches:
     if self.run.text is not None:   # text-to-image: prompt token ids (embedded on the devices)
       yield from self.run.text.host_batches(self.run.batch_size, self.run.seed, start_step, self.process_index,
                                             self.process_count)
+      return
     dataset = self.run.dataset
     if dataset is None:
       step = start_step

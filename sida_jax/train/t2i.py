@@ -41,6 +41,12 @@ def is_pipeline_folder(path: str) -> bool:
   return bool(path) and os.path.isfile(os.path.join(path, pretrained.MODEL_INDEX))
 
 
+def is_text_to_image_workdir(path: str) -> bool:
+  """Whether `path` is a workdir of a text-to-image run (its network.json names the SD U-Net)."""
+  recorded = os.path.join(path, checkpoint.NETWORK_JSON) if path else ''
+  return os.path.isfile(recorded) and checkpoint.read_json(recorded).get('class_name') == UNET_CLASS
+
+
 def latent_shape(unet_config: dict, vae_config: dict, resolution: int) -> tuple:
   """(h, w, channels) of the generator's latents for `resolution`² images (0: the U-Net's sample_size)."""
   factor = 2 ** (len(vae_config.get('block_out_channels', (64,))) - 1)
