@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.kappa3 = 2.0
   c.loss.kappa4 = 2.0
   c.loss.null_label_rate = 0.1
+  # SiD-LSG on Stable Diffusion (DDPM-form teachers): integer times t ~ U{min..max} and the generator's t_init
+  c.loss.timestep_min = 20
+  c.loss.timestep_max = 979
+  c.loss.init_timestep = 625
   # GDD / GDD-I (the generator input level σ_max = 80 is the method's own)
   c.loss.feature_sigmas = (0.05, 0.5, 2.0)
   c.loss.head_width = 64
@@ -88,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.generator_beta1 = 0.0
   c.optim.beta2 = 0.999
   c.optim.eps = 1e-8           # 1e-6 in the official fp16 runs
+  c.optim.generator_grad_clip = 0.0  # element-wise clip of generator gradients (SiD-LSG fp16: 1); 0 = off
 
   c.ema = ml_collections.ConfigDict()
   c.ema.halflife_mimg = 0.5
@@ -113,6 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_size = 0
   c.data.data_dir = ""
   c.data.split = "train"
+  # Text-to-image runs (the teacher a Stable Diffusion pipeline folder): the training prompts, a .txt file
+  # (one per line), the official prompt folder or tfds:NAME (its text feature `prompt_feature`).
+  c.data.prompts = ""
+  c.data.prompt_feature = "text"
 
   # Bookkeeping (in thousands of generated images, like the official loops).
   c.log_every_kimg = 10.0
@@ -129,6 +138,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 64
   c.sample.teacher_steps = 0   # > 0: sample the teacher with the Heun sampler instead (NFE 2n−1)
   c.sample.write_png = True
+  c.sample.prompts = ""        # text-to-image: a .txt file of prompts; image i gets prompt i mod their number
   # Whose random numbers make image i (sample, eval, periodic FID and grids): 'torch_cpu' = exactly what
   # torch.Generator('cpu') draws in the official scripts; 'torch_cuda' = torch.Generator('cuda') (normals only
   # close, see sida_jax/torch_random.py); 'numpy' = np.random.RandomState(seed).
@@ -144,6 +154,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.seed_offset = 0
   c.eval.inception_score = True
   c.eval.precision_recall = False
+  c.eval.prompts = ""             # text-to-image: the evaluation captions (.txt, e.g. COCO-2014 val captions)
+  c.eval.resolution = 0           # resize generated images (PIL Lanczos) before the detector; 0 = as generated
 
   # Conversion (`--mode convert`).
   c.convert = ml_collections.ConfigDict()

@@ -162,3 +162,62 @@ def edm_config(dataset: str, variant: str):
   else:
     _sid_family(c, dataset, variant)
   return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SiD-LSG distilling Stable Diffusion (ALGORITHMS.md §5.4, §8.3, §12.17; [002] Tables 1, 3, 4; REFERENCE_CODE.md
+# §1.10: `run_sid.sh`, `sid_train.py`). The teacher is the diffusers pipeline folder (--config.teacher=PATH);
+# prompts are the Aesthetics6+ list (--config.data.prompts=FILE or the official folder).
+#
+# Guidance (κ1, κ2 = κ3, κ4): LSG with all four equal to κ ∈ {1.5, 2, 3, 4.5} ([002] Table 1, 10M images each;
+# 1.5 is the best FID, higher κ the better CLIP score), and the best-FID Long and Short settings of Table 3.
+SD_TEACHERS = {"sd15": "stable-diffusion-v1-5", "sd21": "stable-diffusion-2-1-base"}
+SD_GUIDANCE = {"k1.5": (1.5, 1.5, 1.5), "k2": (2.0, 2.0, 2.0), "k3": (3.0, 3.0, 3.0), "k4.5": (4.5, 4.5, 4.5),
+               "long": (1.0, 1.0, 2.0), "short": (1.0, 0.5, 1.0)}
+# `--fp16 0` runs (the paper's numbers) in float32; the `--fp16 1` scripts here in bfloat16 compute with their
+# other settings: Adam ε 1e-6, generator gradients clipped by value at 1, no EMA (`--ema 0`).
+SD_PRECISIONS = ("", "_bf16")
+SD_VARIANTS = tuple(f"{k}{p}" for p in SD_PRECISIONS for k in SD_GUIDANCE)
+
+
+def sd_lsg_config(teacher: str, variant: str):
+  """SiD-LSG recipe `variant` (a κ preset, optionally `_bf16`) for the SD teacher `teacher` ('sd15' or 'sd21')."""
+  if variant not in SD_VARIANTS:
+    raise ValueError(f"config variant {variant!r} is not one of {', '.join(SD_VARIANTS)} (use FILE.py:VARIANT)")
+  guidance, _, precision = variant.partition("_")
+  kappa1, kappa23, kappa4 = SD_GUIDANCE[guidance]
+  bf16 = precision == "bf16"
+  c = base.method_config("lsg")
+  c.recipe = f"{teacher}_lsg:{variant}"
+  c.recipe_variants = " ".join(f"{v}=lsg" for v in SD_VARIANTS)
+  c.teacher = SD_TEACHERS[teacher]
+  c.data.prompts = "aesthetics_6_plus"
+  c.data.resolution = 512                       # 64×64×4 latents
+  c.loss.kappa1, c.loss.kappa2, c.loss.kappa3, c.loss.kappa4 = kappa1, kappa23, kappa23, kappa4
+  c.loss.alpha = 1.0
+  c.loss.generator_scale = 1.0                  # `--lsg 1`
+  c.loss.critic_scale = 1.0                     # `--ls 1`
+  c.loss.null_label_rate = 0.1
+  c.loss.timestep_min, c.loss.timestep_max, c.loss.init_timestep = 20, 979, 625
+  c.batch_size = 512
+  c.total_kimg = 10_000.0                       # 10M generated images
+  c.optim.critic_lr = c.optim.generator_lr = 1e-6
+  c.optim.critic_beta1 = c.optim.generator_beta1 = 0.0
+  c.optim.beta2 = 0.999
+  c.optim.eps = 1e-6 if bf16 else 1e-8
+  c.optim.generator_grad_clip = 1.0 if bf16 else 0.0
+  c.dtype = "bfloat16" if bf16 else "float32"
+  c.ema.halflife_mimg = 0.0 if bf16 else 0.05
+  c.ema.rampup_ratio = 0.05
+  # `--tick 2 --snap 50 --dump 100`: log every 2 kimg, sample grid every 100 kimg, full state every 200 kimg.
+  c.log_every_kimg = 2.0
+  c.grid_every_kimg = 100.0
+  c.checkpoint_every_kimg = 200.0
+  # Zero-shot COCO FID (set eval.prompts, eval.ref_stats, eval.detector_path and eval_every_kimg to use it):
+  # 30k images resized to 256² (Lanczos), as the official evaluation.
+  c.eval.num_images = 30_000
+  c.eval.resolution = 256
+  c.eval.batch_size = 16
+  c.eval.inception_score = False
+  c.sample.batch_size = 16
+  return c

@@ -30,7 +30,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
 def _periodic_evaluator(config):
   """evaluate_fn(run, ema_variables) -> results for train_and_evaluate, or None: periodic evaluation off, or
   impossible without the detector's files (one warning; a distillation never fails for lack of them). The
-  detector and reference statistics load at the first evaluation; a named file that is missing fails now."""
+  detector and reference statistics load at the first evaluation; a named file that is missing fails now.
+  Text-to-image runs evaluate on config.eval.prompts."""
   if config.eval_every_kimg <= 0:
     return None
   e = config.eval
@@ -42,6 +43,9 @@ def _periodic_evaluator(config):
   for key in ("detector_path", "ref_stats"):
     if e[key] and not os.path.exists(e[key]):
       raise FileNotFoundError(f"config.eval.{key}: file not found: {e[key]}")
+  if e.prompts:
+    return _text_to_image_evaluator(config)
+  _refuse_text_to_image(config.teacher, "config.eval.prompts")
   loaded = {}
 
   def evaluate_fn(run, ema_variables):
@@ -72,6 +76,8 @@ def _generator(config, workdir):
   """(generate(z, labels) -> images, image_shape, label_dim, description) of the configured source."""
   source = config.sample.source or workdir
   dtype = run_lib.compute_dtype(config.dtype)
+  _refuse_text_to_image(config.teacher if config.sample.teacher_steps > 0 else source,
+                        "config.sample.prompts (sampling) or config.eval.prompts (evaluation)")
   if config.sample.teacher_steps > 0:
     net = run_lib.load_teacher(config.teacher, config.teacher_key, config.network.class_name,
                                config.network.kwargs.to_dict(), config.seed, dtype)
@@ -97,20 +103,26 @@ def _generator(config, workdir):
 
 
 def sample(config, workdir):
-  """PNGs under workdir/samples and samples.npz (uint8 images, seeds, labels) for config.sample.seeds."""
-  generate, image_shape, label_dim, what = _generator(config, workdir)
+  """PNGs under workdir/samples and samples.npz (uint8 images, seeds, labels) for config.sample.seeds; with
+  config.sample.prompts (text-to-image) image i gets prompt i mod their number (stored as `prompts`)."""
   seeds = sampling.parse_seeds(config.sample.seeds)
+  if config.sample.prompts:
+    images, prompts, what = _text_to_image_samples(config, workdir, seeds)
+    extra = {"prompts": prompts}
+  else:
+    generate, image_shape, label_dim, what = _generator(config, workdir)
+    images = np.concatenate(list(evaluation.generated_batches(generate, seeds, image_shape, label_dim,
+                                                              config.sample.batch_size, config.sample.rng)))
+    _, labels = sampling.seed_noise(seeds, image_shape, label_dim, config.sample.rng)
+    extra = {"labels": labels} if labels is not None else {}
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  images = np.concatenate(list(evaluation.generated_batches(generate, seeds, image_shape, label_dim,
-                                                            config.sample.batch_size, config.sample.rng)))
-  _, labels = sampling.seed_noise(seeds, image_shape, label_dim, config.sample.rng)
   if config.sample.write_png:
     for seed, img in zip(seeds, images):
       PIL.Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
           os.path.join(out_dir, f"{seed:06d}.png"))
   tmp = os.path.join(out_dir, "samples.tmp.npz")
-  np.savez(tmp, images=images, seeds=np.asarray(seeds), **({"labels": labels} if labels is not None else {}))
+  np.savez(tmp, images=images, seeds=np.asarray(seeds), **extra)
   os.replace(tmp, os.path.join(out_dir, "samples.npz"))
   grid = loop.image_grid(images[:64])
   PIL.Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out_dir, "grid.png"))
@@ -118,6 +130,8 @@ def sample(config, workdir):
 
 
 def evaluate(config, workdir):
+  if config.eval.prompts:
+    return _evaluate_text_to_image(config, workdir)
   generate, image_shape, label_dim, what = _generator(config, workdir)
   detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
   reference = evaluation.reference_statistics(detector, config.eval.ref_stats, image_shape[0])
@@ -332,3 +346,63 @@ def _summary_table(summary: dict, methods: list) -> str:
       rows.append(f"| {m} (one step) | 1 | {s['final_fid']:.3f} (best {s['best_fid']:.3f}) | {s['kimg']} | "
                   f"{s['train_seconds']:.0f} |")
   return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text-to-image (a Stable Diffusion pipeline folder as config.teacher).
+
+
+def _refuse_text_to_image(path, key):
+  """A text-to-image teacher folder or workdir on a path for image-only networks: name the missing setting."""
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  if t2i.is_pipeline_folder(path) or t2i.is_text_to_image_workdir(path):
+    raise ValueError(f"{key}: {path} is text-to-image, its generator needs prompts")
+
+
+def _text_to_image_samples(config, workdir, seeds):
+  """(uint8 images, their prompts, description) of a text-to-image workdir's EMA generator."""
+  from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  gen = t2i.load_generator(config.sample.source or workdir, config.teacher, run_lib.compute_dtype(config.dtype),
+                           config.data.resolution)
+  prompts = prompts_lib.read_prompts(config.sample.prompts).prompts
+  images = np.concatenate(list(text_to_image.generated_images(gen.generate, gen.text, gen.latent_shape, seeds,
+                                                              prompts, config.sample.batch_size,
+                                                              config.sample.rng)))
+  return images, np.asarray([prompts[i % len(prompts)] for i in range(len(seeds))]), gen.description
+
+
+def _text_to_image_fid(config):
+  """fid(generate, text, latent_shape) -> results on config.eval.prompts; detector and reference read once."""
+  from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  if not config.eval.ref_stats:
+    raise ValueError("config.eval.ref_stats: the reference statistics (.npz with mu, sigma) of the evaluation "
+                     "images (e.g. COCO-2014 val at 256²) are required")
+  detector = evaluation.make_detector(config.eval.detector, config.eval.detector_path)
+  reference = evaluation.reference_statistics(detector, config.eval.ref_stats, config.eval.resolution)
+  prompts = prompts_lib.read_prompts(config.eval.prompts).prompts
+
+  def fid(generate, text, latent_shape):
+    return text_to_image.evaluate(generate, text, latent_shape, prompts, detector, reference,
+                                  config.eval.num_images, config.eval.batch_size, config.eval.seed_offset,
+                                  config.eval.resolution, config.sample.rng)
+  return fid
+
+
+def _text_to_image_evaluator(config):
+  fid = _text_to_image_fid(config)
+  return lambda run, ema_variables: fid(lambda z, y: run.generate(ema_variables, z, y), run.text, run.image_shape)
+
+
+def _evaluate_text_to_image(config, workdir):
+  """FID of a text-to-image workdir's EMA generator on config.eval.prompts against config.eval.ref_stats."""
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  gen = t2i.load_generator(config.sample.source or workdir, config.teacher, run_lib.compute_dtype(config.dtype),
+                           config.data.resolution)
+  results = {k: float(v) for k, v in _text_to_image_fid(config)(gen.generate, gen.text, gen.latent_shape).items()}
+  results.update(source=gen.description, detector=config.eval.detector, num_images=config.eval.num_images,
+                 prompts=config.eval.prompts, resolution=config.eval.resolution)
+  checkpoint.write_json(os.path.join(workdir, "eval.json"), results)
+  logging.info("evaluation of %s: %s", gen.description, results)

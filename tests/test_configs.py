@@ -135,7 +135,8 @@ def test_published_values(file, variant):
 @pytest.mark.parametrize("path,arg,message", [
     ("cifar10_uncond.py", "gan", "not one of"), ("edm2.py", "xxxl,sid", "SIZE,VARIANT"),
     ("edm2.py", "s,sim", "SIZE,VARIANT"), ("ffhq64.py", "sim", "not one of"),
-    ("cifar10_uncond.py", "lsg", "not one of"),
+    ("cifar10_uncond.py", "lsg", "not one of"), ("sd15_lsg.py", "k5", "not one of"),
+    ("sd21_lsg.py", "k2_fp16", "not one of"),
 ])
 def test_bad_variants_are_rejected(path, arg, message):
   with pytest.raises(ValueError, match=message):
@@ -284,7 +285,42 @@ def _methods_of(file):
   return {v: _load(REPO / "configs" / file, v).method for v in _variants(REPO / "configs" / file)}
 
 
-@pytest.mark.parametrize("file", list(EDM_VARIANTS) + ["edm2.py"])
+# SiD-LSG distilling Stable Diffusion, A §5.3–5.4, §8.3, §9.7, §12.17, R §1.10 (`run_sid.sh`, `sid_train.py`):
+# κ presets of [002] Table 1 (LSG) and Table 3 (best-FID Long / Short); batch 512, lr 1e-6 both, Adam (0, 0.999),
+# α 1, λ_sid = ls = 1, t ∈ {20..979}, t_init 625, 10% empty prompts, 10 Mimg, 512² images, EMA 0.05 Mimg in
+# fp32; the fp16 scripts: ε 1e-6, generator gradients clipped by value at 1, `--ema 0` (here bfloat16).
+SD_FILES = {"sd15_lsg.py": "stable-diffusion-v1-5", "sd21_lsg.py": "stable-diffusion-2-1-base"}
+SD_KAPPAS = {"k1.5": (1.5,) * 4, "k2": (2.0,) * 4, "k3": (3.0,) * 4, "k4.5": (4.5,) * 4,
+             "long": (1.0, 1.0, 1.0, 2.0), "short": (1.0, 0.5, 0.5, 1.0)}
+SD_CASES = [(f, k + p) for f in SD_FILES for p in ("", "_bf16") for k in SD_KAPPAS]
+
+
+def test_every_sd_recipe_variant_is_in_the_published_table():
+  found = {case.values for case in CASES if case.values[0].name in SD_FILES}
+  assert {(REPO / "configs" / f, v) for f, v in SD_CASES} == found
+
+
+@pytest.mark.parametrize("file,variant", SD_CASES)
+def test_sd_lsg_recipe_carries_the_published_values(file, variant):
+  kappas = SD_KAPPAS[variant.split("_")[0]]
+  bf16 = variant.endswith("_bf16")
+  expected = {
+      "method": "lsg", "teacher": SD_FILES[file], "recipe": f"{file[:-3]}:{variant}", "batch_size": 512,
+      "optim.critic_lr": 1e-6, "optim.generator_lr": 1e-6, "optim.critic_beta1": 0.0, "optim.generator_beta1": 0.0,
+      "optim.beta2": 0.999, "loss.alpha": 1.0, "loss.generator_scale": 1.0, "loss.critic_scale": 1.0,
+      "loss.kappa1": kappas[0], "loss.kappa2": kappas[1], "loss.kappa3": kappas[2], "loss.kappa4": kappas[3],
+      "loss.null_label_rate": 0.1, "loss.timestep_min": 20, "loss.timestep_max": 979, "loss.init_timestep": 625,
+      "total_kimg": 10_000, "data.resolution": 512, "dtype": "bfloat16" if bf16 else "float32",
+      "optim.eps": 1e-6 if bf16 else 1e-8, "optim.generator_grad_clip": 1.0 if bf16 else 0.0,
+      "ema.halflife_mimg": 0.0 if bf16 else 0.05, "ema.rampup_ratio": 0.05, "eval.resolution": 256,
+      "eval.num_images": 30_000}
+  config = _flat(_load(REPO / "configs" / file, variant))
+  for key, value in expected.items():
+    matches = config[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+    assert matches, f"{file}:{variant} {key} = {config[key]!r}, published {value!r}"
+
+
+@pytest.mark.parametrize("file", list(EDM_VARIANTS) + ["edm2.py"] + list(SD_FILES))
 def test_another_methods_override_is_refused_naming_the_right_variant(file):
   methods = _methods_of(file)
   for variant, own in methods.items():

@@ -155,14 +155,14 @@ def test_strict_state_dict_copy():
   for name, value in state.items():
     np.testing.assert_array_equal(flat[name], value)
   missing = {k: v for k, v in state.items() if k != 'transformer_blocks.1.attn2.to_v.bias'}
-  with pytest.raises(ValueError, match="missing key 'transformer_blocks.1.attn2.to_v.bias'"):
+  with pytest.raises(ValueError, match="1 missing key.*'transformer_blocks.1.attn2.to_v.bias'"):
     pixart.variables_from_state_dict(net, missing)
-  with pytest.raises(ValueError, match="unexpected key 'pos_embed.pos_embed'"):
+  with pytest.raises(ValueError, match="unexpected key.*'pos_embed.pos_embed'"):
     pixart.variables_from_state_dict(net, state | {'pos_embed.pos_embed': np.zeros((1, 16, 24))})
   with pytest.raises(ValueError, match=r"'scale_shift_table' has shape \(6, 24\), expected \(2, 24\)"):
     pixart.variables_from_state_dict(net, state | {'scale_shift_table': np.zeros((6, 24))})
   # A network without size conditions has no resolution embedder to receive.
-  with pytest.raises(ValueError, match="unexpected key 'adaln_single.emb.aspect_ratio_embedder"):
+  with pytest.raises(ValueError, match="unexpected key.*'adaln_single.emb.aspect_ratio_embedder"):
     pixart.variables_from_state_dict(pixart.from_config(config | {'use_additional_conditions': False}), state)
 
 

@@ -16,6 +16,12 @@ from sida_jax.formats import pretrained
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data' / 't2i'
 REF = np.load(DATA / 'reference.npz')
+PIXART = DATA.parent / 't2i_pixart'
+# PixArt-alpha/PixArt-XL-2-512x512 model_index.json (diffusers 0.22 spelling of the transformer class).
+PIXART_INDEX = {'_class_name': 'PixArtAlphaPipeline', '_diffusers_version': '0.22.0.dev0',
+                'scheduler': ['diffusers', 'DPMSolverMultistepScheduler'],
+                'text_encoder': ['transformers', 'T5EncoderModel'], 'tokenizer': ['transformers', 'T5Tokenizer'],
+                'transformer': ['diffusers', 'Transformer2DModel'], 'vae': ['diffusers', 'AutoencoderKL']}
 
 
 def assert_close(got, ref, rel, what=''):
@@ -44,6 +50,60 @@ def test_pipeline_folder():
   assert_close(eps, nhwc(REF['sd1_unet_eps']), 1e-4, 'unet')
   image = sd.vae(nhwc(REF['vae_z']), method='decode')
   assert_close(image, nhwc(REF['vae_image']), 1e-4, 'vae decode')
+
+
+def _pixart_pipeline(tmp_path, index=None):
+  """A PixArt pipeline folder from the stored tiny parts (transformer, T5, tokenizer; SD's tiny VAE)."""
+  folder = tmp_path / 'pixart'
+  folder.mkdir(parents=True)
+  for part, source in (('transformer', PIXART), ('text_encoder', PIXART), ('tokenizer', PIXART),
+                       ('vae', DATA / 'tiny-sd')):
+    (folder / part).symlink_to(source / part, target_is_directory=True)
+  (folder / 'scheduler').mkdir()
+  (folder / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(
+      {'_class_name': 'DPMSolverMultistepScheduler', 'beta_schedule': 'linear', 'beta_start': 0.0001,
+       'beta_end': 0.02, 'num_train_timesteps': 1000, 'prediction_type': 'epsilon'}))
+  (folder / 'model_index.json').write_text(json.dumps(index or PIXART_INDEX))
+  return folder
+
+
+def test_pixart_pipeline_folder(tmp_path):
+  """One call loads PixArt's transformer (legacy class name), T5 encoder, T5 tokenizer, VAE and scheduler;
+  the chain tokenizer → T5 → transformer reproduces the transformers / diffusers outputs."""
+  pipe = models.load_pretrained(str(_pixart_pipeline(tmp_path)))
+  assert isinstance(pipe, pretrained.Pipeline) and pipe.class_name == 'PixArtAlphaPipeline'
+  assert pipe.unet is None and pipe.denoiser is pipe.transformer
+  assert pipe.transformer.class_name == 'PixArtTransformer2DModel'   # declared as Transformer2DModel
+  assert pipe.text_encoder.class_name == 'T5EncoderModel'
+  assert pipe.scheduler['_class_name'] == 'DPMSolverMultistepScheduler'
+  ref = np.load(PIXART / 'reference.npz')
+  prompts = json.loads((PIXART / 'prompts.json').read_text())
+  tokens = pipe.tokenizer(prompts, max_length=ref['input_ids'].shape[1])
+  np.testing.assert_array_equal(tokens['input_ids'], ref['input_ids'])
+  np.testing.assert_array_equal(tokens['attention_mask'], ref['attention_mask'])
+  hidden = pipe.text_encoder(tokens['input_ids'], tokens['attention_mask'])
+  assert_close(hidden, ref['t5_hidden'], 1e-4, 'T5 encoder')
+  out = pipe.transformer(nhwc(ref['latents']), ref['timesteps'], ref['t5_hidden'], ref['attention_mask'],
+                         {'resolution': ref['resolution'], 'aspect_ratio': ref['aspect_ratio']})
+  assert_close(out, nhwc(ref['pixart_out']), 1e-4, 'PixArt transformer')
+  image = pipe.vae(nhwc(REF['vae_z']), method='decode')
+  assert_close(image, nhwc(REF['vae_image']), 1e-4, 'vae decode')
+
+
+def test_pixart_model_folders_and_index_errors(tmp_path):
+  text = pretrained.load_pretrained(PIXART / 'text_encoder')
+  assert text.class_name == 'T5EncoderModel' and text.module.feed_forward_proj == 'gated-gelu'
+  assert 'PixArtTransformer2DModel' in pretrained.supported_classes()
+  with pytest.raises(ValueError, match="transformer is declared 'UNet2DConditionModel' but .* holds "
+                                       "'PixArtTransformer2DModel'"):
+    models.load_pretrained(_pixart_pipeline(tmp_path / 'a', dict(PIXART_INDEX, transformer=['diffusers',
+                                                                                          'UNet2DConditionModel'])))
+  with pytest.raises(ValueError, match="both 'unet' and 'transformer' entries"):
+    models.load_pretrained(_pixart_pipeline(tmp_path / 'b', dict(PIXART_INDEX, unet=['diffusers',
+                                                                                   'UNet2DConditionModel'])))
+  with pytest.raises(ValueError, match="text_encoder is declared 'CLIPTextModel' but .* holds 'T5EncoderModel'"):
+    models.load_pretrained(_pixart_pipeline(tmp_path / 'c', dict(PIXART_INDEX, text_encoder=['transformers',
+                                                                                           'CLIPTextModel'])))
 
 
 def test_model_folders():
@@ -165,6 +225,17 @@ def test_pipeline_index_errors(tmp_path):
   (folder / 'model_index.json').write_text(json.dumps({k: v for k, v in index.items() if k != 'unet'}))
   with pytest.raises(ValueError, match="no 'unet' entry"):
     pretrained.load_pretrained(folder)
-  (folder / 'model_index.json').write_text(json.dumps(dict(index, tokenizer=['transformers', 'T5Tokenizer'])))
-  with pytest.raises(ValueError, match="unsupported tokenizer class 'T5Tokenizer'"):
+  (folder / 'model_index.json').write_text(json.dumps(dict(index, tokenizer=['transformers', 'LlamaTokenizer'])))
+  with pytest.raises(ValueError, match="unsupported tokenizer class 'LlamaTokenizer'"):
     pretrained.load_pretrained(folder)
+
+
+def test_pipeline_parts(tmp_path):
+  """`parts` loads only some entries (the text side without the U-Net); the others stay None."""
+  pytest.importorskip('tokenizers', reason='the pipeline tokenizer needs the tokenizers package')
+  sd = pretrained.load_pipeline(str(DATA / 'tiny-sd'), parts=('vae', 'scheduler'))
+  assert sd.unet is None and sd.text_encoder is None and sd.tokenizer is None and sd.denoiser is None
+  assert sd.scheduler['beta_schedule'] == 'scaled_linear'
+  assert_close(sd.vae(nhwc(REF['vae_z']), method='decode'), nhwc(REF['vae_image']), 1e-4, 'vae decode')
+  with pytest.raises(ValueError, match="no part 'transformer' to load"):
+    pretrained.load_pipeline(str(DATA / 'tiny-sd'), parts=('transformer',))

@@ -118,12 +118,12 @@ def test_tied_embedding_and_strict_copy():
   with pytest.raises(ValueError, match="'encoder.embed_tokens.weight' differs from 'shared.weight'"):
     t5.variables_from_state_dict(encoder, state | {'encoder.embed_tokens.weight': shared + 1})
   missing = {k: v for k, v in state.items() if k != 'shared.weight'}
-  with pytest.raises(ValueError, match="missing key 'shared.weight'"):
+  with pytest.raises(ValueError, match="1 missing key.*'shared.weight'"):
     t5.variables_from_state_dict(encoder, missing)
-  with pytest.raises(ValueError, match="unexpected key 'decoder.final_layer_norm.weight'"):
+  with pytest.raises(ValueError, match="unexpected key.*'decoder.final_layer_norm.weight'"):
     t5.variables_from_state_dict(encoder, state | {'decoder.final_layer_norm.weight': np.ones(16)})
   bias = 'encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight'
-  with pytest.raises(ValueError, match=f"unexpected key '{bias}'"):   # only the first block has the table
+  with pytest.raises(ValueError, match=f"unexpected key.*'{bias}'"):   # only the first block has the table
     t5.variables_from_state_dict(encoder, state | {bias: np.ones((8, 3))})
   wrong = state | {'encoder.block.0.layer.1.DenseReluDense.wi_0.weight': np.zeros((16, 24))}
   with pytest.raises(ValueError, match=r"'encoder.block.0.layer.1.DenseReluDense.wi_0.weight' has shape"):

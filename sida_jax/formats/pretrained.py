@@ -10,7 +10,8 @@ A model folder holds `config.json` and its weights: `diffusion_pytorch_model.saf
 from `_class_name` (diffusers) or `architectures` (transformers) and selects a builder (config -> Flax
 module) and a strict state_dict converter that live next to their module. PyTorch `.bin` weights are
 read with the project's allow-listed torch reader; single-file `.ckpt` checkpoints are refused.
-A pipeline folder (`model_index.json`) loads its unet, text_encoder, tokenizer, vae and scheduler config.
+A pipeline folder (`model_index.json`) loads its denoiser (`unet`: Stable Diffusion; `transformer`: PixArt),
+text_encoder, tokenizer, vae and scheduler config.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -31,8 +32,11 @@ MODEL_INDEX = 'model_index.json'
 SCHEDULER_CONFIG = 'scheduler_config.json'
 # Weight file stems: diffusers, transformers.
 WEIGHT_STEMS = ('diffusion_pytorch_model', 'model')
-_PIPELINE_PARTS = ('unet', 'text_encoder', 'tokenizer', 'vae', 'scheduler')
-_TOKENIZER_CLASSES = ('CLIPTokenizer', 'CLIPTokenizerFast')
+# The denoiser entry of a pipeline's model_index.json: Stable Diffusion's U-Net or PixArt's transformer.
+DENOISER_PARTS = ('unet', 'transformer')
+_PIPELINE_PARTS = ('text_encoder', 'tokenizer', 'vae', 'scheduler')
+_TOKENIZER_CLASSES = {'CLIPTokenizer': 'clip', 'CLIPTokenizerFast': 'clip', 'T5Tokenizer': 't5',
+                      'T5TokenizerFast': 't5'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +46,21 @@ class Architecture:
   convert: Callable[[Mapping[str, Any], nn.Module], dict]
 
 
+def _module_architecture(module) -> Architecture:
+  """A model module exposing `from_config(config, dtype)` and `variables_from_state_dict(net, state)`."""
+  return Architecture(module.from_config, lambda state, net: module.variables_from_state_dict(net, state))
+
+
 def _registry() -> dict[str, Architecture]:
   # Local imports: the networks are only needed once a folder is read.
   from sida_jax.models import vae  # pylint: disable=import-outside-toplevel
-  from sida_jax.models.t2i import clip_text, sd_unet  # pylint: disable=import-outside-toplevel
+  from sida_jax.models.t2i import clip_text, pixart, sd_unet, t5  # pylint: disable=import-outside-toplevel
   return {
       'UNet2DConditionModel': Architecture(sd_unet.from_diffusers_config, sd_unet.convert_diffusers_state),
       'AutoencoderKL': Architecture(vae.from_diffusers_config, vae.convert_diffusers_state),
       'CLIPTextModel': Architecture(clip_text.from_transformers_config, clip_text.convert_transformers_state),
+      **dict.fromkeys(pixart.CLASS_NAMES, _module_architecture(pixart)),
+      **dict.fromkeys(t5.CLASS_NAMES, _module_architecture(t5)),
   }
 
 
@@ -88,13 +99,20 @@ class PretrainedNetwork:
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-  """The parts of a Stable Diffusion pipeline folder that text-to-image distillation uses."""
+  """The parts of a text-to-image pipeline folder that distillation uses: Stable Diffusion (`unet`, CLIP
+  text encoder and tokenizer) or PixArt (`transformer`, T5 text encoder and tokenizer)."""
   class_name: str
-  unet: PretrainedNetwork
-  text_encoder: PretrainedNetwork
-  tokenizer: Any  # sida_jax.text.CLIPTokenizer
-  vae: PretrainedNetwork
-  scheduler: dict  # scheduler_config.json, with its `_class_name`
+  text_encoder: Optional[PretrainedNetwork] = None
+  tokenizer: Any = None  # sida_jax.text.CLIPTokenizer or T5Tokenizer
+  vae: Optional[PretrainedNetwork] = None
+  scheduler: Optional[dict] = None  # scheduler_config.json, with its `_class_name`
+  unet: Optional[PretrainedNetwork] = None
+  transformer: Optional[PretrainedNetwork] = None
+
+  @property
+  def denoiser(self) -> PretrainedNetwork:
+    """The pipeline's noise-prediction network: the U-Net or the transformer."""
+    return self.unet if self.unet is not None else self.transformer
 
 
 def _read_json(path: str) -> dict:
@@ -194,32 +212,65 @@ def load_network(folder: str, dtype: Any = jnp.float32, variant: Optional[str] =
   return PretrainedNetwork(module, variables, class_name, config)
 
 
-def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None) -> Pipeline:
-  """A Stable Diffusion pipeline folder: `model_index.json` naming unet/, text_encoder/, tokenizer/, vae/,
-  scheduler/ (other parts, such as the safety checker, are not loaded)."""
-  from sida_jax.text.clip_tokenizer import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+def _same_architecture(declared: str, stored: str) -> bool:
+  """Whether two class names build the same module (PixArt's folders declare `Transformer2DModel` and
+  store either spelling)."""
+  registry = _registry()
+  return declared == stored or (declared in registry and registry[declared] == registry.get(stored))
+
+
+def _load_tokenizer(folder: str, declared: str, index_path: str) -> Any:
+  kind = _TOKENIZER_CLASSES.get(declared)
+  if kind is None:
+    raise ValueError(f'{index_path}: unsupported tokenizer class {declared!r}')
+  if kind == 'clip':
+    from sida_jax.text.clip_tokenizer import CLIPTokenizer  # pylint: disable=import-outside-toplevel
+    return CLIPTokenizer.from_folder(folder)
+  from sida_jax.text.t5_tokenizer import T5Tokenizer  # pylint: disable=import-outside-toplevel
+  return T5Tokenizer.from_folder(folder)
+
+
+def _index_entry(index: Mapping[str, Any], part: str, index_path: str) -> str:
+  entry = index.get(part)
+  if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+    raise ValueError(f'{index_path}: no {part!r} entry [library, class]')
+  return entry[1]
+
+
+def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
+                  parts: Optional[Sequence[str]] = None) -> Pipeline:
+  """A pipeline folder: `model_index.json` naming unet/ (Stable Diffusion) or transformer/ (PixArt),
+  text_encoder/, tokenizer/, vae/ and scheduler/ (other parts, such as the safety checker, are not loaded).
+
+  `parts` loads only those entries (e.g. the text side without the 3.4 GB U-Net); the others are None.
+  """
   index_path = os.path.join(folder, MODEL_INDEX)
   index = _read_json(index_path)
-  parts = {}
-  for part in _PIPELINE_PARTS:
-    entry = index.get(part)
-    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
-      raise ValueError(f'{index_path}: no {part!r} entry [library, class]')
-    declared = entry[1]
+  present = [part for part in DENOISER_PARTS if index.get(part) is not None]
+  if len(present) != 1:
+    raise ValueError(f'{index_path}: no {DENOISER_PARTS[0]!r} entry [library, class]' if not present else
+                     f'{index_path}: both {" and ".join(map(repr, present))} entries (expected one denoiser)')
+  wanted = present + list(_PIPELINE_PARTS)
+  if parts is not None:
+    unknown = sorted(set(parts) - set(wanted))
+    if unknown:
+      raise ValueError(f'{index_path}: no part {unknown[0]!r} to load (parts: {", ".join(wanted)})')
+    wanted = [part for part in wanted if part in parts]
+  loaded = {}
+  for part in wanted:
+    declared = _index_entry(index, part, index_path)
     sub = os.path.join(folder, part)
     if part == 'tokenizer':
-      if declared not in _TOKENIZER_CLASSES:
-        raise ValueError(f'{index_path}: unsupported tokenizer class {declared!r}')
-      parts[part] = CLIPTokenizer.from_folder(sub)
+      loaded[part] = _load_tokenizer(sub, declared, index_path)
     elif part == 'scheduler':
       scheduler = _read_json(os.path.join(sub, SCHEDULER_CONFIG))
-      parts[part] = dict(scheduler, _class_name=scheduler.get('_class_name', declared))
+      loaded[part] = dict(scheduler, _class_name=scheduler.get('_class_name', declared))
     else:
       network = load_network(sub, dtype, variant)
-      if network.class_name != declared:
+      if not _same_architecture(declared, network.class_name):
         raise ValueError(f'{index_path}: {part} is declared {declared!r} but {sub} holds {network.class_name!r}')
-      parts[part] = network
-  return Pipeline(class_name=index.get('_class_name', ''), **parts)
+      loaded[part] = network
+  return Pipeline(class_name=index.get('_class_name', ''), **loaded)
 
 
 def load_pretrained(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None):

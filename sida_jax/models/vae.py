@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax import lax
+
+from sida_jax.models.t2i.layers import Conv2d, GroupNorm, Linear, attention
 
 Array = jax.Array
 
@@ -40,65 +41,12 @@ _OLD_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_a
 
 
 # ----------------------------------------------------------------------------------------------------
-# Layers with PyTorch parameter names and layouts.
+# Blocks (PyTorch-named layers from models/t2i/layers.py).
 
 
-def _uniform(bound: float):
-  """PyTorch's default initialiser for conv/linear weights and biases: U(−1/√fan_in, 1/√fan_in)."""
-  return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class Conv2d(nn.Module):
-  """torch.nn.Conv2d: weight [out, in, k, k], bias [out]; symmetric zero padding."""
-  in_channels: int
-  out_channels: int
-  kernel: int = 3
-  stride: int = 1
-  padding: int = 1
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    init = _uniform(1.0 / np.sqrt(self.in_channels * self.kernel ** 2))
-    weight = self.param('weight', init, (self.out_channels, self.in_channels, self.kernel, self.kernel),
-                        jnp.float32)
-    bias = self.param('bias', init, (self.out_channels,), jnp.float32)
-    y = lax.conv_general_dilated(
-        x, weight.astype(x.dtype), (self.stride, self.stride), [(self.padding, self.padding)] * 2,
-        dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
-    return y + bias.astype(x.dtype)
-
-
-class Linear(nn.Module):
-  """torch.nn.Linear: weight [out, in], bias [out]."""
-  in_features: int
-  out_features: int
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    init = _uniform(1.0 / np.sqrt(self.in_features))
-    weight = self.param('weight', init, (self.out_features, self.in_features), jnp.float32)
-    bias = self.param('bias', init, (self.out_features,), jnp.float32)
-    return x @ weight.T.astype(x.dtype) + bias.astype(x.dtype)
-
-
-class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm over NHWC, statistics in float32."""
-  num_groups: int
-  num_channels: int
-  eps: float = _GN_EPS
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    weight = self.param('weight', nn.initializers.ones, (self.num_channels,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (self.num_channels,), jnp.float32)
-    n, h, w, c = x.shape
-    if c % self.num_groups:
-      raise ValueError(f"GroupNorm: {c} channels not divisible into {self.num_groups} groups")
-    g = x.astype(jnp.float32).reshape(n, h, w, self.num_groups, c // self.num_groups)
-    mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-    g = (g - mean) * lax.rsqrt(var + self.eps)
-    return (g.reshape(n, h, w, c) * weight + bias).astype(x.dtype)
+def _group_norm(num_groups: int, channels: int, name: str) -> GroupNorm:
+  """The VAE's GroupNorm (ε = 1e-6, where torch's default is 1e-5)."""
+  return GroupNorm(num_groups, channels, _GN_EPS, name=name)
 
 
 class ResnetBlock(nn.Module):
@@ -109,9 +57,9 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.silu(GroupNorm(self.num_groups, self.in_channels, name='norm1')(x))
+    h = nn.silu(_group_norm(self.num_groups, self.in_channels, 'norm1')(x))
     h = Conv2d(self.in_channels, self.out_channels, name='conv1')(h)
-    h = nn.silu(GroupNorm(self.num_groups, self.out_channels, name='norm2')(h))
+    h = nn.silu(_group_norm(self.num_groups, self.out_channels, 'norm2')(h))
     h = Conv2d(self.out_channels, self.out_channels, name='conv2')(h)
     if self.in_channels != self.out_channels:
       x = Conv2d(self.in_channels, self.out_channels, kernel=1, padding=0, name='conv_shortcut')(x)
@@ -126,13 +74,11 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     n, h, w, c = x.shape
-    y = GroupNorm(self.num_groups, c, name='group_norm')(x).reshape(n, h * w, c)
+    y = _group_norm(self.num_groups, c, 'group_norm')(x).reshape(n, h * w, c)
     q = Linear(c, c, name='to_q')(y)
     k = Linear(c, c, name='to_k')(y)
     v = Linear(c, c, name='to_v')(y)
-    logits = jnp.einsum('nqc,nkc->nqk', q, k).astype(jnp.float32) * float(1 / np.sqrt(c))
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    y = Linear(c, c, name='to_out.0')(jnp.einsum('nqk,nkc->nqc', weights, v))
+    y = Linear(c, c, name='to_out.0')(attention(q, k, v, heads=1))
     return x + y.reshape(n, h, w, c)
 
 
@@ -158,7 +104,7 @@ class Encoder(nn.Module):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
         x = Conv2d(cout, cout, stride=2, padding=0, name=f'down_blocks.{i}.downsamplers.0.conv')(x)
     x = _mid_block(x, cout, self.num_groups, self.mid_block_add_attention)
-    x = nn.silu(GroupNorm(self.num_groups, cout, name='conv_norm_out')(x))
+    x = nn.silu(_group_norm(self.num_groups, cout, 'conv_norm_out')(x))
     return Conv2d(cout, 2 * self.latent_channels, name='conv_out')(x)
 
 
@@ -183,7 +129,7 @@ class Decoder(nn.Module):
       if i < len(chans) - 1:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest ×2
         x = Conv2d(cout, cout, name=f'up_blocks.{i}.upsamplers.0.conv')(x)
-    x = nn.silu(GroupNorm(self.num_groups, cout, name='conv_norm_out')(x))
+    x = nn.silu(_group_norm(self.num_groups, cout, 'conv_norm_out')(x))
     return Conv2d(cout, self.out_channels, name='conv_out')(x)
 
 

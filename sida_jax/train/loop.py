@@ -50,7 +50,12 @@ class Batches:
 
   def iterate(self, start_step: int, step_base: int = 0, nimg_base: int = 0) -> Iterator[dict]:
     """Batches from iteration `start_step` on. After a batch-size change at iteration `step_base` (`nimg_base`
-    images earlier), the sample stream continues where the old batch size left it (`batches_per_step` batches per iteration)."""
+    images earlier), the sample stream continues where the old
+    batch size left it (`batches_per_step` batches per iteration)."""
+    if self.run.text is not None:   # text-to-image: prompt token ids (embedded on the devices)
+      yield from self.run.text.host_batches(self.run.batch_size, self.run.seed, start_step, self.process_index,
+                                            self.process_count)
+      return
     dataset = self.run.dataset
     if dataset is None:
       step = start_step
@@ -104,7 +109,14 @@ def batches_per_step(run: run_lib.Run) -> int:
 
 
 def sample_grid(run: run_lib.Run, ema_variables: dict, seeds=range(64)) -> np.ndarray:
-  """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint)."""
+  """uint8 grid of EMA generator samples for fixed seeds (the same images at every checkpoint); text-to-image
+  runs show the first 16 seeds, image i conditioned on training prompt i and decoded by the VAE 8 at a time."""
+  if run.text is not None:
+    from sida_jax import text_to_image  # pylint: disable=import-outside-toplevel
+    seeds = list(seeds)[:16]
+    generate = lambda z, y: run.generate(ema_variables, z, y)
+    return image_grid(np.concatenate(list(text_to_image.generated_images(
+        generate, run.text, run.image_shape, seeds, run.text.prompts.prompts[:len(seeds)], 8, run.sample_rng))))
   z, labels = sampling.seed_noise(list(seeds), run.image_shape, run.nets.generator.label_dim,
                                   run.sample_rng)
   images = run.generate(ema_variables, jnp.asarray(z), None if labels is None else jnp.asarray(labels))
@@ -262,7 +274,8 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
   bar = progress_bar(config.total_kimg, images(start) / 1000, config.method)
   try:
     for step in (range(start, end) if not stopped else ()):
-      state, metrics = train_step(state, teacher_variables, step_lib.shard_batch(next(batches), mesh))
+      state, metrics = train_step(state, teacher_variables,
+                                  run.device_batch(step_lib.shard_batch(next(batches), mesh)))
       done, before, after = step + 1, images(step), images(step + 1)
       bar.update(batch / 1000)
       due = 0 < config.checkpoint_every_minutes * 60 <= time.monotonic() - t_saved

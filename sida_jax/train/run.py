@@ -3,7 +3,8 @@
 `build_run(config)` loads the teacher (a snapshot, a converted folder or a fresh `config.network`),
 builds the trained networks, the method (`losses/<config.method>.py`), the data, the optimisers and
 the step specification, and checks them against each other; the helpers below it take plain values.
-`initial_state(run)` gives the first DistillState.
+`initial_state(run)` gives the first DistillState. A Stable Diffusion pipeline folder as the teacher makes a
+text-to-image run instead (`train/t2i.py`), with the same `Run` record.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from sida_jax.train import step as step_lib
 
 METHODS = ("sid", "sida", "sim", "lsg", "gdd")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PROMPT_KEYS = ("prompts", "prompt_feature")   # config.data entries of text-to-image runs (train/t2i.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Run:
   generator_init: str         # SiD²A: where the generator starts ('': the teacher)
   dtype: Any                  # compute dtype of the networks
   sample_rng: str = 'torch_cpu'  # per-seed noise of sample grids and evaluations (sampling.seed_noise)
+  text: Any = None              # text-to-image runs: the frozen text side (text_to_image.TextConditioning)
 
   @property
   def class_name(self) -> str:
@@ -65,6 +68,10 @@ class Run:
   def generate(self):
     """Jitted one-step generation (variables, z, labels) -> images, compiled once per run."""
     return jax.jit(lambda v, z, y: sampling.generate(self.nets.generator, v, z, y, self.spec.init_sigma))
+
+  def device_batch(self, batch: dict) -> dict:
+    """The step's batch from the one placed on the devices: prompt token ids become text embeddings."""
+    return batch if self.text is None else self.text.device_batch(batch)
 
 
 def compute_dtype(name: str) -> Any:
@@ -89,6 +96,7 @@ def load_teacher(source: str, key: str, class_name: str, init_kwargs: Mapping[st
 
 def make_dataset(options: Mapping[str, Any]) -> Optional[data_lib.Dataset]:
   """The dataset `options` (config.data) describe, or None when they name no source."""
+  options = {k: v for k, v in options.items() if k not in PROMPT_KEYS}
   if not options.get("source"):
     return None
   # '' and 0 mean "unset" in the config (ml_collections fields need a type); booleans pass through.
@@ -133,6 +141,9 @@ def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks, **
 def build_run(config: ml_collections.ConfigDict) -> Run:
   """Reads the config, validates it against the teacher and data, and builds the step specification."""
   method_lib.check_recipe_method(config)
+  from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
+  if t2i.is_pipeline_folder(config.teacher):
+    return t2i.build_run(config)
   dtype = compute_dtype(config.dtype)
   teacher = load_teacher(config.teacher, config.teacher_key, config.network.class_name,
                          config.network.kwargs.to_dict(), config.seed, dtype)
@@ -173,6 +184,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
       method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
       init_sigma=method.init_sigma or config.init_sigma,
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
+                                            clip_value=o.generator_grad_clip or None,
                                             trainable_mask=method.generator_trainable_mask),
       critic_tx=state_lib.make_optimizer(critic_lr, o.critic_beta1, critic_beta2, o.eps,
                                          clip_value=method.critic_grad_clip,

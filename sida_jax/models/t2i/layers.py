@@ -1,9 +1,10 @@
-"""PyTorch-named linen layers shared by the text-to-image ports (diffusers U-Net, transformers CLIP).
+"""PyTorch-named linen layers shared by the text-to-image ports (SD U-Net, CLIP, PixArt, T5) and the SD VAE.
 
 Every parameter keeps the name, shape and layout of its PyTorch counterpart: Linear `weight` [out, in],
 Conv2d `weight` [out, in, kh, kw], Embedding `weight` [num, dim]. Parameters are float32 and cast to the
 activation dtype where they are used; normalisation statistics and attention softmax are float32.
-`strict_variables` copies a state_dict into a module's parameters after strict name and shape checks.
+`strict_variables` is the one copy rule of every converter: a PyTorch `state_dict` (name → array) fills a
+module's parameter template exactly, or a ValueError names the key.
 """
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -18,25 +19,25 @@ from jax import lax
 Array = jax.Array
 
 
-def _uniform(bound: float):
-  """PyTorch's default initialiser for linear/conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def torch_uniform(bound: float):
+  """PyTorch's default initialiser for linear/conv weights and biases: U(−bound, bound), bound = 1/√fan_in."""
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class Linear(nn.Module):
-  """torch.nn.Linear: y = x W^T + b, W [out, in]."""
+  """torch.nn.Linear: y = x Wᵀ + b, W [out, in]."""
   in_features: int
   out_features: int
-  bias: bool = True
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    init = _uniform(1.0 / np.sqrt(self.in_features))
-    w = self.param('weight', init, (self.out_features, self.in_features))
-    # Contract against W's input axis directly instead of materialising W^T.
+    init = torch_uniform(1.0 / np.sqrt(self.in_features))
+    w = self.param('weight', init, (self.out_features, self.in_features), jnp.float32)
+    # Contract against W's input axis directly instead of materialising Wᵀ.
     y = lax.dot_general(x, w.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
-    if self.bias:
-      y = y + self.param('bias', init, (self.out_features,)).astype(x.dtype)
+    if self.use_bias:
+      y = y + self.param('bias', init, (self.out_features,), jnp.float32).astype(x.dtype)
     return y
 
 
@@ -50,9 +51,9 @@ class Conv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    init = _uniform(1.0 / np.sqrt(self.in_channels * self.kernel ** 2))
-    w = self.param('weight', init, (self.out_channels, self.in_channels, self.kernel, self.kernel))
-    b = self.param('bias', init, (self.out_channels,))
+    init = torch_uniform(1.0 / np.sqrt(self.in_channels * self.kernel ** 2))
+    w = self.param('weight', init, (self.out_channels, self.in_channels, self.kernel, self.kernel), jnp.float32)
+    b = self.param('bias', init, (self.out_channels,), jnp.float32)
     y = lax.conv_general_dilated(x, w.astype(x.dtype), (self.stride, self.stride),
                                  [(self.padding, self.padding)] * 2,
                                  dimension_numbers=('NHWC', 'OIHW', 'NHWC'))
@@ -70,8 +71,8 @@ class GroupNorm(nn.Module):
     c, g = self.num_channels, self.num_groups
     if x.shape[-1] != c or c % g:
       raise ValueError(f'GroupNorm: {x.shape[-1]} channels (expected {c}) cannot form {g} groups')
-    weight = self.param('weight', nn.initializers.ones, (c,))
-    bias = self.param('bias', nn.initializers.zeros, (c,))
+    weight = self.param('weight', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
     y = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
     axes = tuple(range(1, y.ndim - 2)) + (y.ndim - 1,)
     mean = y.mean(axis=axes, keepdims=True)
@@ -81,20 +82,29 @@ class GroupNorm(nn.Module):
     return (y * weight + bias).astype(x.dtype)
 
 
+def layer_norm(x: Array, eps: float, weight: Optional[Array] = None, bias: Optional[Array] = None) -> Array:
+  """torch.nn.LayerNorm over the last axis with statistics in float32 (affine parts optional); result in
+  x's dtype."""
+  h = x.astype(jnp.float32)
+  h = h - h.mean(axis=-1, keepdims=True)
+  h = h * lax.rsqrt(jnp.square(h).mean(axis=-1, keepdims=True) + eps)
+  if weight is not None:
+    h = h * weight
+  if bias is not None:
+    h = h + bias
+  return h.astype(x.dtype)
+
+
 class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm over the last axis, statistics in float32, result in the input dtype."""
+  """torch.nn.LayerNorm with its affine `weight` and `bias`."""
   dim: int
   eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    weight = self.param('weight', nn.initializers.ones, (self.dim,))
-    bias = self.param('bias', nn.initializers.zeros, (self.dim,))
-    y = x.astype(jnp.float32)
-    mean = y.mean(axis=-1, keepdims=True)
-    y = y - mean
-    var = jnp.square(y).mean(axis=-1, keepdims=True)
-    return (y * lax.rsqrt(var + self.eps) * weight + bias).astype(x.dtype)
+    weight = self.param('weight', nn.initializers.ones, (self.dim,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.dim,), jnp.float32)
+    return layer_norm(x, self.eps, weight, bias)
 
 
 class Embedding(nn.Module):
@@ -104,26 +114,32 @@ class Embedding(nn.Module):
 
   @nn.compact
   def __call__(self, ids: Array) -> Array:
-    weight = self.param('weight', nn.initializers.normal(1.0), (self.num_embeddings, self.dim))
+    weight = self.param('weight', nn.initializers.normal(1.0), (self.num_embeddings, self.dim), jnp.float32)
     return jnp.take(weight, ids, axis=0)
 
 
-def attention(q: Array, k: Array, v: Array, heads: int, mask: Optional[Array] = None) -> Array:
-  """Multi-head softmax attention on [N, L, heads * head_dim] projections, scores in float32.
+def dot_product_attention(q: Array, k: Array, v: Array, scale: float, bias: Optional[Array] = None,
+                          mask: Optional[Array] = None) -> Array:
+  """Softmax attention on [N, L, heads, head_dim] inputs; logits, bias and softmax in float32.
 
-  `mask` (broadcastable to [N, heads, Lq, Lk], True = attend) removes keys.
+  `bias` (additive) and `mask` (True = attend) broadcast against the [N, heads, Lq, Lk] logits.
   """
-  n, lq, inner = q.shape
-  d = inner // heads
-  q = q.reshape(n, lq, heads, d)
-  k = k.reshape(n, k.shape[1], heads, d)
-  v = v.reshape(n, v.shape[1], heads, d)
-  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k, preferred_element_type=jnp.float32)
-  logits = logits * np.float32(1 / np.sqrt(d))
+  logits = jnp.einsum('nqhd,nkhd->nhqk', q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('nhqk,nkhd->nqhd', weights, v).reshape(n, lq, inner)
+  return jnp.einsum('nhqk,nkhd->nqhd', weights, v)
+
+
+def attention(q: Array, k: Array, v: Array, heads: int, mask: Optional[Array] = None) -> Array:
+  """Multi-head attention on packed [N, L, heads · head_dim] projections, scaled by 1/√head_dim."""
+  n, lq, inner = q.shape
+  d = inner // heads
+  split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, d)
+  out = dot_product_attention(split(q), split(k), split(v), np.float32(1 / np.sqrt(d)), mask=mask)
+  return out.reshape(n, lq, inner)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,8 +152,9 @@ def param_shapes(template: Mapping[str, Any]) -> dict:
 
 
 def strict_variables(state: Mapping[str, Any], template: Mapping[str, Any], what: str) -> dict:
-  """`{'params': ...}` from a state_dict (name -> array): every name of `template` exactly once, nothing
-  else, equal shapes; values become float32. Errors are one line naming the first offending key."""
+  """`{'params': ...}` from a state_dict (name -> array): every name of `template` (e.g. from `jax.eval_shape`)
+  exactly once, nothing else, equal shapes; values become float32. Errors are one line naming the first
+  offending key."""
   shapes = param_shapes(template)
   missing = sorted(set(shapes) - set(state))
   if missing:

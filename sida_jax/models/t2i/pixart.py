@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sida_jax.models.t2i.torch_layers import Linear, attention, layer_norm, strict_variables, torch_uniform
+from sida_jax.models.t2i.layers import Linear, dot_product_attention, layer_norm, strict_variables, torch_uniform
 
 Array = jax.Array
 
@@ -103,7 +103,7 @@ class Attention(nn.Module):
     v = Linear(self.context_dim, inner, self.bias, name='to_v')(context)
     k = k.reshape(n, lk, self.heads, self.head_dim)
     v = v.reshape(n, lk, self.heads, self.head_dim)
-    y = attention(q, k, v, mask_bias, 1.0 / math.sqrt(self.head_dim)).reshape(n, lq, inner)
+    y = dot_product_attention(q, k, v, 1.0 / math.sqrt(self.head_dim), mask_bias).reshape(n, lq, inner)
     return Linear(inner, self.query_dim, name='to_out.0')(y)
 
 
@@ -346,4 +346,4 @@ def init_variables(net: PixArtTransformer2DModel, rng: Array) -> dict:
 
 def variables_from_state_dict(net: PixArtTransformer2DModel, state_dict: Mapping[str, Any]) -> dict:
   """Strict 1:1 copy of a diffusers state_dict (name → array) into `net`'s variables, float32."""
-  return strict_variables(params_template(net), state_dict, 'PixArtTransformer2DModel state_dict')
+  return strict_variables(state_dict, params_template(net), 'PixArtTransformer2DModel state_dict')

@@ -89,9 +89,9 @@ class Attention(nn.Module):
   def __call__(self, x: Array, context: Optional[Array] = None) -> Array:
     context = x if context is None else context
     inner = self.heads * self.head_dim
-    q = Linear(self.query_dim, inner, bias=False, name='to_q')(x)
-    k = Linear(self.context_dim, inner, bias=False, name='to_k')(context)
-    v = Linear(self.context_dim, inner, bias=False, name='to_v')(context)
+    q = Linear(self.query_dim, inner, use_bias=False, name='to_q')(x)
+    k = Linear(self.context_dim, inner, use_bias=False, name='to_k')(context)
+    v = Linear(self.context_dim, inner, use_bias=False, name='to_v')(context)
     return Linear(inner, self.query_dim, name='to_out.0')(attention(q, k, v, self.heads))
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sida_jax.models.t2i.torch_layers import Linear, attention, strict_variables
+from sida_jax.models.t2i.layers import Linear, dot_product_attention, strict_variables
 
 Array = jax.Array
 
@@ -101,7 +101,7 @@ class T5Block(nn.Module):
     h = T5LayerNorm(self.d_model, self.eps, name='layer.0.layer_norm')(x)
     q, k, v = (Linear(self.d_model, inner, use_bias=False, name=f'layer.0.SelfAttention.{s}')(h)
                .reshape(n, length, self.num_heads, self.d_kv) for s in 'qkv')
-    h = attention(q, k, v, bias, scale=1.0).reshape(n, length, inner)
+    h = dot_product_attention(q, k, v, 1.0, bias).reshape(n, length, inner)
     x = x + Linear(inner, self.d_model, use_bias=False, name='layer.0.SelfAttention.o')(h)
 
     act = _ACTIVATIONS[self.activation]
@@ -243,4 +243,4 @@ def variables_from_state_dict(encoder: T5EncoderModel, state_dict: Mapping[str, 
     elif not np.array_equal(np.asarray(tied), np.asarray(state['shared.weight'])):
       raise ValueError(f'T5EncoderModel state_dict: {_TIED_EMBEDDING!r} differs from \'shared.weight\' '
                        '(expected a tied copy)')
-  return strict_variables(params_template(encoder), state, 'T5EncoderModel state_dict')
+  return strict_variables(state, params_template(encoder), 'T5EncoderModel state_dict')

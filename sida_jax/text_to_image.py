@@ -1,0 +1,174 @@
+"""The frozen text side of a text-to-image run and its one-step sampler.
+
+A `TextConditioning` holds what turns prompts into the generator's conditions and latents into images: the
+tokenizer and text encoder of a Stable Diffusion pipeline, the empty prompt's embedding (the null condition
+of classifier-free guidance, computed once), the VAE, and the training prompts. Embeddings are computed on
+the fly, outside the training step, by a jitted call of the frozen encoder on token ids already split over
+the devices (the embeddings come out split the same way), so the step sees them as its `labels`.
+
+Images: the generator's latents x0 are decoded as the official code does, vae.decode(x0 / scaling_factor),
+and quantised like every sida_jax sample (floor(clip(127.5x + 128, 0, 255))). Image i of a sampling run or
+evaluation uses seed i's noise (`sampling.seed_noise`) and prompt i mod len(prompts).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from sida_jax import sampling
+from sida_jax.formats import pretrained
+from sida_jax.text import prompts as prompts_lib
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextConditioning:
+  """Tokenizer, frozen text encoder, empty-prompt embedding, VAE and (training) prompts of a T2I run."""
+  tokenizer: Any                       # sida_jax.text.CLIPTokenizer
+  text_encoder: pretrained.PretrainedNetwork
+  vae: pretrained.PretrainedNetwork
+  null_embedding: np.ndarray           # [1, L, D] float32: the text encoder's output for ""
+  prompts: Optional[prompts_lib.PromptDataset] = None
+
+  @property
+  def embedding_shape(self) -> tuple:
+    return tuple(self.null_embedding.shape[1:])
+
+  def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+    """int32 [n, L], padded to the tokenizer's length as SD pipelines tokenize (truncation, max_length)."""
+    return np.asarray(self.tokenizer(list(prompts)).input_ids, np.int32)
+
+  @functools.cached_property
+  def _encode(self) -> Callable:
+    # SD pipelines call the text encoder without an attention mask (the padded positions condition too).
+    return jax.jit(lambda variables, ids: self.text_encoder.module.apply(variables, ids))
+
+  @functools.cached_property
+  def _replicated(self) -> dict:
+    return {}
+
+  def embed(self, ids: Array) -> Array:
+    """Embeddings [n, L, D] float32 of token ids; ids split over a mesh give embeddings split the same way
+    (the encoder's weights are replicated on that mesh once)."""
+    variables = self.text_encoder.variables
+    sharding = getattr(ids, 'sharding', None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      mesh = sharding.mesh
+      if mesh not in self._replicated:
+        self._replicated[mesh] = jax.device_put(
+            variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      variables = self._replicated[mesh]
+    return self._encode(variables, ids)
+
+  def embed_prompts(self, prompts: Sequence[str]) -> Array:
+    return self.embed(jnp.asarray(self.token_ids(prompts)))
+
+  def host_batches(self, batch_size: int, seed: int, start_step: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[dict]:
+    """Token ids of this process's prompts, two batches per iteration (critic, generator phase) from the
+    prompt order's positions 2·step and 2·step + 1."""
+    if self.prompts is None:
+      raise ValueError('config.data.prompts: training a text-to-image generator needs prompts')
+    step = start_step
+    while True:
+      yield {phase: {'input_ids': self.token_ids(self.prompts.batch(2 * step + i, batch_size, seed,
+                                                                     process_index, process_count))}
+             for i, phase in enumerate(('critic', 'generator'))}
+      step += 1
+
+  def device_batch(self, batch: dict) -> dict:
+    """{'input_ids'} per phase (on the devices) -> {'labels': embeddings}, what the step conditions on."""
+    return {phase: {'labels': self.embed(part['input_ids'])} for phase, part in batch.items()}
+
+  @functools.cached_property
+  def _decode(self) -> Callable:
+    scale = float(self.vae.config.get('scaling_factor', 0.18215))
+    return jax.jit(lambda variables, z: self.vae.module.apply(variables, z / scale,
+                                                              method=self.vae.module.decode))
+
+  def decode(self, latents: Array) -> Array:
+    """Images in [-1, 1], NHWC float32, from x0 latents (vae.decode(x0 / scaling_factor))."""
+    return self._decode(self.vae.variables, latents)
+
+
+def load_text_side(folder: str, dtype: Any = jnp.float32) -> TextConditioning:
+  """The TextConditioning (without prompts) of a Stable Diffusion pipeline folder: tokenizer, text encoder
+  (computing in `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts
+  it: SD's VAE overflows in half precision). The U-Net is not read."""
+  index_path = os.path.join(folder, pretrained.MODEL_INDEX)
+  if not os.path.isfile(index_path):
+    raise FileNotFoundError(f'{folder}: not a pipeline folder (no {pretrained.MODEL_INDEX})')
+  pipe = pretrained.load_pipeline(folder, dtype, parts=('text_encoder', 'tokenizer'))
+  vae = pretrained.load_pipeline(folder, jnp.float32, parts=('vae',)).vae
+  text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=vae,
+                          null_embedding=np.zeros((0,), np.float32))
+  null = np.asarray(text.embed_prompts(['']), np.float32)
+  return dataclasses.replace(text, null_embedding=null)
+
+
+def generated_images(generate: Callable[[Array, Array], Array], text: TextConditioning, latent_shape: tuple,
+                     seeds: Sequence[int], prompts: Sequence[str], batch_size: int,
+                     rng: str = 'torch_cpu') -> Iterator[np.ndarray]:
+  """uint8 [n, H, W, 3] batches: image i from seeds[i]'s noise and prompts[i mod len(prompts)], decoded by
+  the VAE; `generate(z, embeddings) -> latents` is the one-step generator."""
+  if not prompts:
+    raise ValueError('no prompts to generate images for')
+  seeds = list(seeds)
+  for start in range(0, len(seeds), batch_size):
+    chunk = seeds[start:start + batch_size]
+    z, _ = sampling.seed_noise(chunk, latent_shape, 0, rng)
+    texts = [prompts[(start + i) % len(prompts)] for i in range(len(chunk))]
+    pad = batch_size - len(chunk)   # fixed shapes: one compilation
+    if pad:
+      z = np.concatenate([z, np.zeros((pad, *z.shape[1:]), z.dtype)])
+      texts = texts + [texts[0]] * pad
+    latents = generate(jnp.asarray(z), text.embed_prompts(texts))
+    yield sampling.to_uint8(text.decode(latents))[:len(chunk)]
+
+
+def resize_like_official(images: np.ndarray, size: int) -> np.ndarray:
+  """The official COCO-FID resize of uint8 images: PIL Lanczos to size×size (its torchvision round trip
+  to_tensor·255 → uint8 gives every value back unchanged); size 0 keeps them as they are."""
+  if size <= 0 or images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(PIL.Image.fromarray(image).resize((size, size), PIL.Image.Resampling.LANCZOS))
+                   for image in images])
+
+
+def evaluate(generate: Callable[[Array, Array], Array], text: TextConditioning, latent_shape: tuple,
+             prompts: Sequence[str], detector: Any, reference: tuple, num_images: int, batch_size: int,
+             seed_offset: int = 0, resolution: int = 0, rng: str = 'torch_cpu',
+             clip_score_fn: Optional[Callable[[np.ndarray, list], np.ndarray]] = None) -> dict:
+  """Zero-shot FID of `num_images` generated images (image i: seed seed_offset + i, prompt i mod len(prompts),
+  resized to `resolution` as the official COCO evaluation does) against reference statistics (mu, sigma).
+
+  CLIP score is not computed here (no OpenCLIP port); `clip_score_fn(uint8 images, their prompts) -> [n]`
+  adds the mean of whatever score it returns as `clip_score`.
+  """
+  from sida_jax.metrics import fid as fid_lib  # pylint: disable=import-outside-toplevel
+  seeds = list(range(seed_offset, seed_offset + num_images))
+  scores = []
+
+  def batches():
+    for start, images in zip(range(0, num_images, batch_size),
+                             generated_images(generate, text, latent_shape, seeds, prompts, batch_size, rng)):
+      images = resize_like_official(images, resolution)
+      if clip_score_fn is not None:
+        texts = [prompts[i % len(prompts)] for i in range(start, start + len(images))]
+        scores.append(np.asarray(clip_score_fn(images, texts), np.float64).reshape(-1))
+      yield images
+
+  mu, sigma, _, _ = detector.statistics(batches())
+  results = {'fid': fid_lib.frechet_distance(mu, sigma, *reference)}
+  if clip_score_fn is not None:
+    results['clip_score'] = float(np.mean(np.concatenate(scores)))
+  return results

@@ -1,0 +1,169 @@
+"""Text-to-image SiD-LSG end to end on a tiny SD pipeline folder (tests/data/t2i/tiny-lsg): the run assembly,
+training through the shared step and loop, checkpoints and exact resume, PNG samples through the VAE, and
+guidance acting on the generator's update."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import base
+from sida_jax import checkpoint, cli, evaluation
+from sida_jax.metrics import fid as fid_lib
+from sida_jax.train import loop, step as step_lib
+from sida_jax.train import run as run_lib
+from sida_jax.train import t2i
+
+pytest.importorskip('tokenizers', reason='the pipeline tokenizer needs the tokenizers package')
+
+PIPE = pathlib.Path(__file__).resolve().parent / 'data' / 't2i' / 'tiny-lsg'
+PROMPTS = ['a photo of a cat', 'two dogs in the park', 'a red car', 'a bowl of fruit', 'a bird on a tree',
+           'a train in the snow']
+BATCH = 8
+
+
+def _config(tmp_path, **kappas):
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('\n'.join(PROMPTS) + '\n')
+  c = base.method_config('lsg')
+  c.teacher = str(PIPE)
+  c.data.prompts = str(prompts)
+  c.batch_size = BATCH
+  c.optim.critic_lr = c.optim.generator_lr = 1e-3   # large enough to move the tiny networks visibly
+  c.ema.halflife_mimg = 0.0001
+  c.total_kimg = 3 * BATCH / 1000
+  c.log_every_kimg = c.checkpoint_every_kimg = BATCH / 1000
+  c.grid_every_kimg = 0.0
+  for k, v in kappas.items():
+    c.loss[k] = v
+  return c
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_build_run_wires_the_pipeline_into_the_shared_step(tmp_path):
+  run = run_lib.build_run(_config(tmp_path))
+  assert run.text is not None and run.class_name == 'UNet2DConditionModel'
+  assert run.image_shape == (8, 8, 4)                           # the U-Net's sample_size; VAE factor 2
+  assert run.nets.generator.label_dim == 32 and run.text.embedding_shape == (77, 32)
+  sigmas = np.sqrt((1 - _alphas()) / _alphas())
+  assert run.spec.init_sigma == pytest.approx(sigmas[625], rel=1e-6)   # t_init = 625
+  batch = next(loop.Batches(run).iterate(0))
+  assert set(batch) == {'critic', 'generator'} and batch['critic']['input_ids'].shape == (BATCH, 77)
+  mesh = step_lib.make_mesh()
+  device = run.device_batch(step_lib.shard_batch(batch, mesh))
+  emb = device['critic']['labels']
+  assert emb.shape == (BATCH, 77, 32) and emb.sharding.spec == jax.sharding.PartitionSpec('data')
+  np.testing.assert_allclose(emb, run.text.embed(jnp.asarray(batch['critic']['input_ids'])), rtol=1e-6, atol=1e-6)
+
+
+def _alphas():
+  betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+  return np.cumprod(1 - betas)
+
+
+@pytest.mark.slow
+def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
+  """LSG (κ = 2) through the loop: two steps, a resumed third, PNG samples; κ = 1 updates differently."""
+  config = _config(tmp_path)
+  workdir = tmp_path / 'run'
+  assert int(loop.train_and_evaluate(config, str(workdir), stop_after_steps=2).step) == 2
+  state = loop.train_and_evaluate(config, str(workdir))   # resumes from the step-2 checkpoint
+  assert int(state.step) == 3
+  assert int(state.nonfinite['critic']) == 0 and int(state.nonfinite['generator']) == 0
+  run = run_lib.build_run(config)
+  moved = [np.max(np.abs(a - b)) for a, b in zip(_leaves(state.generator.params),
+                                                  _leaves(run.teacher.variables['params']))]
+  assert all(np.isfinite(m) for m in moved) and max(moved) > 1e-4
+  # The resumed run reads the prompts an uninterrupted one would have read at its third step.
+  batches = loop.Batches(run)
+  third = [next(it) for it in [batches.iterate(0)] for _ in range(3)][2]
+  np.testing.assert_array_equal(next(batches.iterate(2))['generator']['input_ids'], third['generator']['input_ids'])
+  recorded = json.loads((workdir / 'network.json').read_text())
+  assert recorded['class_name'] == 'UNet2DConditionModel' and recorded['init_kwargs']['cross_attention_dim'] == 32
+
+  # Guidance: from the same state, batch and draws, κ = 1 (SiD) moves the generator elsewhere than κ = 2 did.
+  first, _ = checkpoint.restore_raw(str(workdir / 'checkpoints'), step=1)
+  with config.unlocked():
+    config.loss.update(kappa1=1.0, kappa2=1.0, kappa3=1.0, kappa4=1.0)
+  plain = run_lib.build_run(config)
+  mesh = step_lib.make_mesh()
+  batch = plain.device_batch(step_lib.shard_batch(next(loop.Batches(plain).iterate(0)), mesh))
+  stepped, metrics = step_lib.make_train_step(plain.spec, mesh)(run_lib.initial_state(plain),
+                                                                 plain.teacher.variables, batch)
+  assert all(np.isfinite(float(v)) for v in jax.device_get(metrics).values())
+  differences = [np.max(np.abs(a - b)) for a, b in zip(_leaves(stepped.generator.params),
+                                                       _leaves(first['generator']['params']))]
+  assert max(differences) > 1e-6
+
+  # --mode sample: PNGs decoded by the VAE, image i from seed i and prompt i mod their number.
+  prompts = tmp_path / 'sample.txt'
+  prompts.write_text('a cat\na dog\n')
+  with config.unlocked():
+    config.sample.prompts = str(prompts)
+    config.sample.seeds = '0-2'
+    config.sample.batch_size = 2
+  cli.run('sample', config, str(workdir))
+  samples = dict(np.load(workdir / 'samples' / 'samples.npz'))
+  assert samples['images'].shape == (3, 16, 16, 3) and samples['images'].dtype == np.uint8
+  assert list(samples['prompts']) == ['a cat', 'a dog', 'a cat']
+  png = np.asarray(PIL.Image.open(workdir / 'samples' / '000002.png'))
+  np.testing.assert_array_equal(png, samples['images'][2])
+  # Only the prompt changed: seed 1 with 'a dog' again gives the same image, seed 0 with 'a dog' another.
+  prompts.write_text('a dog\n')
+  cli.run('sample', config, str(workdir))
+  again = np.load(workdir / 'samples' / 'samples.npz')
+  np.testing.assert_array_equal(again['images'][1], samples['images'][1])
+  assert not np.array_equal(again['images'][0], samples['images'][0])
+
+  # --mode eval: FID of the EMA generator on config.eval.prompts against given reference statistics (here the
+  # offline MNIST feature detector and statistics of random images: the plumbing, not a meaningful number).
+  detector = evaluation.make_detector('mnist')
+  mu, sigma, _, _ = detector.statistics([np.random.default_rng(0).integers(0, 256, (16, 16, 16, 3), np.uint8)])
+  fid_lib.save_reference_stats(str(tmp_path / 'ref.npz'), mu, sigma)
+  with config.unlocked():
+    config.eval.update(prompts=str(prompts), detector='mnist', ref_stats=str(tmp_path / 'ref.npz'), num_images=4,
+                       batch_size=2, resolution=0)
+  cli.run('eval', config, str(workdir))
+  results = json.loads((workdir / 'eval.json').read_text())
+  assert np.isfinite(results['fid']) and results['fid'] > 0 and results['num_images'] == 4
+  with config.unlocked():
+    config.sample.prompts = ''
+  with pytest.raises(ValueError, match='config.sample.prompts .sampling. or config.eval.prompts .evaluation.: .* is '
+                                       'text-to-image'):
+    cli.run('sample', config, str(workdir))
+
+
+def test_refusals(tmp_path):
+  config = _config(tmp_path)
+  config.method = 'sid'
+  with pytest.raises(ValueError, match="a Stable Diffusion teacher is distilled with 'lsg'"):
+    run_lib.build_run(config)
+  config = _config(tmp_path)
+  config.dropout = 0.1
+  with pytest.raises(ValueError, match='the SD U-Net has no dropout'):
+    run_lib.build_run(config)
+  config = _config(tmp_path)
+  config.data.resolution = 15
+  with pytest.raises(ValueError, match='not a multiple of the VAE factor 2'):
+    run_lib.build_run(config)
+  config = _config(tmp_path)
+  config.data.prompts = ''
+  run = run_lib.build_run(config)
+  with pytest.raises(ValueError, match='config.data.prompts: training a text-to-image generator needs prompts'):
+    next(loop.Batches(run).iterate(0))
+  assert t2i.is_pipeline_folder(str(PIPE)) and not t2i.is_pipeline_folder(str(PIPE / 'unet'))
+  with pytest.raises(ValueError, match="not a text-to-image"):
+    t2i.load_generator(str(_fake_workdir(tmp_path)), str(PIPE), jnp.float32)
+
+
+def _fake_workdir(tmp_path):
+  workdir = tmp_path / 'edm'
+  workdir.mkdir()
+  (workdir / 'network.json').write_text(json.dumps({'class_name': 'EDMPrecond', 'init_kwargs': {}}))
+  return workdir

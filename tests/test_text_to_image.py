@@ -1,0 +1,88 @@
+"""The text side of text-to-image runs: empty-prompt embedding, images from (seed, prompt) pairs whatever the batch,
+the official COCO resize, and FID plumbing with a stub detector."""
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sida_jax import evaluation, sampling, text_to_image
+from sida_jax.metrics import fid as fid_lib
+
+pytest.importorskip('tokenizers', reason='the pipeline tokenizer needs the tokenizers package')
+
+PIPE = pathlib.Path(__file__).resolve().parent / 'data' / 't2i' / 'tiny-lsg'
+LATENT = (8, 8, 4)
+
+
+@pytest.fixture(scope='module')
+def text():
+  return text_to_image.load_text_side(str(PIPE))
+
+
+def _generate(z, embeddings):
+  """A stand-in one-step generator: latents depend on the noise and on the prompt's embedding."""
+  return 0.5 * z + jnp.mean(embeddings, axis=(1, 2))[:, None, None, None]
+
+
+def test_text_side_of_the_pipeline(text):
+  assert text.embedding_shape == (77, 32)
+  np.testing.assert_allclose(text.null_embedding, text.embed_prompts(['']), rtol=1e-6, atol=1e-6)
+  ids = text.token_ids(['a cat', ''])
+  assert ids.shape == (2, 77) and ids.dtype == np.int32
+  assert not np.allclose(text.embed_prompts(['a cat']), text.null_embedding)
+  # decode = the VAE's decoder on latents / scaling_factor.
+  z = np.random.default_rng(0).standard_normal((2, *LATENT)).astype(np.float32)
+  expected = text.vae(z / text.vae.config['scaling_factor'], method='decode')
+  np.testing.assert_allclose(text.decode(z), expected, rtol=1e-6, atol=1e-6)
+  # bfloat16 runs: the text encoder computes in bfloat16, the VAE stays float32 (as the official code upcasts it).
+  half = text_to_image.load_text_side(str(PIPE), jnp.bfloat16)
+  assert half.text_encoder.module.dtype == jnp.bfloat16 and half.vae.module.dtype == jnp.float32
+  np.testing.assert_allclose(half.null_embedding, text.null_embedding, atol=0.05 * np.abs(text.null_embedding).max())
+
+
+def test_images_pair_seed_i_with_prompt_i_mod_n_whatever_the_batch(text):
+  prompts = ['a cat', 'a dog', 'a red car']
+  seeds = [5, 6, 7, 8, 9]
+  in_threes = np.concatenate(list(text_to_image.generated_images(_generate, text, LATENT, seeds, prompts, 3)))
+  in_twos = np.concatenate(list(text_to_image.generated_images(_generate, text, LATENT, seeds, prompts, 2)))
+  np.testing.assert_array_equal(in_threes, in_twos)
+  assert in_threes.shape == (5, 16, 16, 3) and in_threes.dtype == np.uint8
+  for i in (0, 4):   # image 4 is seed 9 with prompt 4 mod 3 = 1
+    z, _ = sampling.seed_noise([seeds[i]], LATENT)
+    alone = sampling.to_uint8(text.decode(_generate(jnp.asarray(z), text.embed_prompts([prompts[i % 3]]))))
+    np.testing.assert_array_equal(in_threes[i], alone[0])
+
+
+def test_resize_matches_the_official_torchvision_round_trip():
+  torch = pytest.importorskip('torch', reason='the official resize path needs torch and torchvision')
+  functional = pytest.importorskip('torchvision.transforms.functional')
+  import PIL.Image  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+  ours = text_to_image.resize_like_official(images, 20)
+  for image, got in zip(images, ours):
+    pil = functional.to_pil_image(torch.from_numpy(image).permute(2, 0, 1))
+    official = (functional.to_tensor(pil.resize((20, 20), PIL.Image.LANCZOS)) * 255).byte()
+    np.testing.assert_array_equal(got, official.permute(1, 2, 0).numpy())
+  assert text_to_image.resize_like_official(images, 0) is images
+
+
+def test_fid_and_clip_hook_plumbing(text):
+  """FID of the generated images' features against a reference, with a stub detector (mean colour)."""
+  features = lambda images: (np.asarray(images, np.float64).reshape(len(images), -1, 3).mean(axis=1), None)
+  detector = evaluation.Detector('stub', features)
+  prompts = ['a cat', 'a dog', 'a red car']
+  reference = (np.zeros(3), np.eye(3) * 100.0)
+  seen = []
+
+  def clip_score_fn(images, texts):
+    seen.extend(texts)
+    return np.full(len(images), 0.25)
+
+  results = text_to_image.evaluate(_generate, text, LATENT, prompts, detector, reference, num_images=5,
+                                   batch_size=2, seed_offset=3, resolution=8, clip_score_fn=clip_score_fn)
+  images = np.concatenate(list(text_to_image.generated_images(_generate, text, LATENT, range(3, 8), prompts, 5)))
+  feats = features(text_to_image.resize_like_official(images, 8))[0]
+  expected = fid_lib.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), *reference)
+  np.testing.assert_allclose(results['fid'], expected, rtol=1e-6)
+  assert seen == ['a cat', 'a dog', 'a red car', 'a cat', 'a dog'] and results['clip_score'] == 0.25
