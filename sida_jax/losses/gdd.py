@@ -18,8 +18,9 @@ mean of that sample's logits, summed over feature networks and over samples, non
     generator      Σ_i Σ_l mean softplus(−l(x_g,i)), differentiated through the frozen features into x_g
     R1             γ/2 · mean_i ‖∇_x Σ(all logits of x_real,i)‖²   (a mean, not a sum, over samples)
 The official sums run over one GPU's samples, so γ's weight against the GAN terms depends on the per-GPU
-batch. Here every sum is the per-device mean × `gan_sum_size` (0: the per-device batch), which fixes that
-weight independently of the device count: the recipes use the per-GPU batch of [004]'s 8-GPU runs.
+batch. Here every sum is the mean over samples × `gan_sum_size` (0: the per-device micro-batch,
+`inputs.device_batch`), which fixes that weight independently of the device count: the recipes use the
+per-GPU batch of [004]'s 8-GPU runs.
 R1 is lazy, as in the official loop: a separate discriminator step every `r1_interval` iterations (not the
 first) on interval × R1, with the discriminator's Adam at lr·k/(k+1) and β2^(k/(k+1)) (k = interval; see
 `method.LazyRegularizer`). Each iteration trains the generator first, then the discriminator on samples of
@@ -156,9 +157,9 @@ def input_gradient_norms(logits_fn: Callable[[Array], list], real: Array) -> tup
   return logits, jnp.sum(grads.reshape(real.shape[0], -1).astype(jnp.float32) ** 2, axis=1)
 
 
-def _sum_scale(hp: GDDHyper, n: int) -> float:
-  """The official per-GPU sum over samples as a per-device mean × gan_sum_size."""
-  return (hp.gan_sum_size or n) / n
+def _sum_scale(hp: GDDHyper, n: int, device_batch: int) -> float:
+  """The official per-GPU sum over samples as a mean × gan_sum_size (default: the per-device micro-batch)."""
+  return (hp.gan_sum_size or device_batch or n) / n
 
 
 def _mean_logit(logits: Sequence[Array]) -> Array:
@@ -173,7 +174,7 @@ def make_critic_loss(hp: GDDHyper, discriminator: Discriminator):
     per_sample = (per_sample_logit_means(fake, common.softplus)
                   + per_sample_logit_means(real, lambda l: common.softplus(-l)))
     keep = common.finite_samples(inputs.x_g, inputs.real_images, *fake, *real)
-    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n)
+    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n, inputs.device_batch)
     return loss, {"loss_critic": loss, "logit_real": _mean_logit(real), "logit_fake": _mean_logit(fake)}
   return critic_loss
 
@@ -196,7 +197,7 @@ def make_generator_loss(hp: GDDHyper, discriminator: Discriminator):
     logits = discriminator.logits(inputs.critic_variables["params"], inputs.teacher_variables, x_g, inputs.labels)
     per_sample = per_sample_logit_means(logits, lambda l: common.softplus(-l))
     keep = common.finite_samples(x_g, *logits)
-    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n)
+    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n, inputs.device_batch)
     return loss, {"loss_generator": loss}
   return generator_loss
 
