@@ -1,4 +1,4 @@
-"""The modes of main.py: train | sample | eval | convert | ref. This is the only I/O-heavy layer."""
+"""The modes of main.py: train | sample | eval | convert | ref | plan. This is the only I/O-heavy layer."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from sida_jax import checkpoint, evaluation, sampling
+from sida_jax import checkpoint, evaluation, plan as plan_lib, sampling
 from sida_jax.formats import safetensors
 from sida_jax.losses import method as method_lib
 from sida_jax.models import convert
@@ -17,7 +17,7 @@ from sida_jax.models.registry import denoiser_for
 from sida_jax.train import loop
 from sida_jax.train import run as run_lib
 
-MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline")
+MODES = ("train", "teacher", "sample", "eval", "convert", "ref", "pipeline", "plan")
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -25,7 +25,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}")
   if not workdir:
     raise ValueError("--workdir is required")
-  {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate, "convert": convert_network, "ref": reference}[mode](
+  {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate, "convert": convert_network, "ref": reference, "plan": plan_lib.plan}[mode](
       config, workdir)
 
 

@@ -150,17 +150,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           {"class_name": run.class_name, "init_kwargs": run.train_kwargs,
                            "init_sigma": run.spec.init_sigma})
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
-  mesh = step_lib.make_mesh()
-  train_step = step_lib.make_train_step(run.spec, mesh)
+  layout = run.layout()
+  mesh = layout.mesh
+  train_step = step_lib.make_train_step(run.spec, mesh, layout.min_shard_size)
   mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), config.max_to_keep)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(run_lib.initial_state(run), replicated)
+  state = run_lib.initial_state(run, layout)
   best = {"fid": float("inf")}
   if mngr.latest_step() is not None:
     state, meta = checkpoint.restore(mngr, state)
     best["fid"] = meta.get("best_fid") or float("inf")
     logging.info("resumed from step %d (%.1f kimg)", int(state.step), meta.get("kimg", 0.0))
-  teacher_variables = jax.device_put(run.teacher.variables, replicated)
+  teacher_variables = layout.place(run.teacher.variables)
   batch = run.batch_size
   total_steps = int(math.ceil(config.total_kimg * 1000 / batch))
   start = int(jax.device_get(state.step))
