@@ -16,8 +16,8 @@ flags.DEFINE_enum("mode", "train", ["train", "teacher", "sample", "eval", "conve
                   "What to do.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
-# Multi-process runs (docs/notes/scaling.md). Without these flags, SLURM and TPU pods are detected by
-# jax.distributed.initialize() itself (sida_jax.train.loop.maybe_initialize_distributed).
+# Multi-process runs (docs/notes/scaling.md). Without these flags, SLURM, TPU pods and Open MPI are detected
+# (sida_jax.train.loop.maybe_initialize_distributed, then jax.distributed.initialize() reads the cluster).
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: index of this process (0 … num_processes − 1).")
@@ -34,9 +34,12 @@ def main(argv):
   logging.get_absl_logger().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from sida_jax import cli  # after flag parsing, so --help stays fast
+  # Before anything touches a device (jax.devices() below).
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from sida_jax import cli  # after flag parsing, so --help stays fast
+  else:
+    cli.loop.maybe_initialize_distributed()   # SLURM, TPU pods, Open MPI, $JAX_COORDINATOR_ADDRESS
   logging.info("JAX devices: %s", jax.devices())
   cli.run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
 

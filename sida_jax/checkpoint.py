@@ -45,14 +45,21 @@ def restore(mngr: ocp.CheckpointManager, target: Any, step: Optional[int] = None
 
 
 def restore_raw(directory: str, step: Optional[int] = None) -> tuple:
-  """(state as nested dicts, meta) without knowing the state's structure — for sampling and evaluation."""
+  """(state as nested dicts, meta) without knowing the state's structure — for sampling and evaluation.
+
+  Every array comes back whole on this process's first device, whatever mesh and number of processes wrote it.
+  """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint folder not found: {directory}")
-  mngr = ocp.CheckpointManager(os.path.abspath(directory))
+  mngr = ocp.CheckpointManager(os.path.abspath(directory), item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          mngr.item_metadata(step)["state"])
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                    meta=ocp.args.JsonRestore()))
   return out.state, out.meta
 

@@ -341,7 +341,7 @@ def _residual_bytes(fn, variables):
 def test_block_remat_keeps_outputs_and_gradients():
   """remat_blocks (config.remat='blocks'): the same variables, output and gradients in train mode with dropout,
   with fewer bytes kept for the backward pass."""
-  module = _tiny_precond(dropout=0.3, num_blocks=2)
+  module = _tiny_precond(dropout=0.3)
   remat = module.clone(remat_blocks=True)
   x, sigma, labels, variables = _tiny_setup(module)
   remat_template = jax.eval_shape(remat.init, jax.random.key(0), x, sigma, labels)

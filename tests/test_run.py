@@ -59,7 +59,7 @@ def _max_diff_trees(a, b):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("grad_accum", 3, "not divisible by the 8 devices × config.grad_accum=3"),
+    ("grad_accum", 4, "not divisible by the 8 devices × config.grad_accum=4"),
     ("grad_accum", 0, "positive number of rounds"),
     ("remat", "all", "config.remat='all' is not one of"),
     ("remat", "blocks", "needs an EDM or EDM2 U-Net, not ToyPrecond"),
@@ -67,7 +67,7 @@ def _max_diff_trees(a, b):
     ("mesh.data", 4, r"data × fsdp = 4 × 1 = 4 but there are 8 devices"),
 ])
 def test_bad_scaling_settings_fail_at_start_up(key, value, message):
-  config = _config(batch_size=24)
+  config = _config(batch_size=16)
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=message):
