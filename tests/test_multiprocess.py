@@ -88,10 +88,12 @@ def test_two_processes_train_as_one_process_with_four_devices(runs):
   for name in ("generator", "critic"):
     for a, b in zip(jax.tree.leaves(s_multi[name]["opt_state"]), jax.tree.leaves(s_single[name]["opt_state"])):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * float(np.max(np.abs(b))))
-  # The generator really moved: its EMA (a copy at step 0) lags behind it.
-  lag = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), s_single["generator"]["params"],
-                     s_single["generator_ema"])
-  assert max(jax.tree.leaves(lag)) > 1e-6
+  # Not vacuous: the networks took Adam steps (lr 1e-4: ~1e-4 each, 100× the tolerance above) on non-zero
+  # gradients; the generator skips iteration 0 (SiDA's gate is nimg > 0 here).
+  for name, steps in (("generator", 2), ("critic", 3)):
+    adam = s_single[name]["opt_state"][-1]
+    assert int(adam["count"]) == steps
+    assert max(float(np.max(np.abs(m))) for m in jax.tree.leaves(adam["mu"])) > 1e-3
 
 
 def test_checkpoint_of_two_processes_samples_in_one_process_on_one_device(runs):
