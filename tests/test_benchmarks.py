@@ -12,7 +12,7 @@ import bench_sampling  # noqa: E402
 import bench_step  # noqa: E402
 import common  # noqa: E402
 
-from sida_jax.models import convert  # noqa: E402
+from sida_jax.models import convert, registry  # noqa: E402
 
 
 # The public fixture set's `edm/edm_ddpmpp` as its README tables describe it (not read from the fixture folder:
@@ -26,7 +26,7 @@ PUBLIC_EDM_DDPMPP_PARAMS = 318_019
 
 
 def _smoke_param_count():
-  network = convert.build_network("EDMPrecond", common.SMOKE_KWARGS)
+  network = registry.build_network("EDMPrecond", common.SMOKE_KWARGS)
   return convert.count_params(convert.variables_template(network))
 
 

@@ -176,7 +176,7 @@ def critic_objective(spec: StepSpec, state: state_lib.DistillState, teacher_vari
       real, real_augment_labels = spec.augment_fn(k_aug_real, real)
   inputs = CriticInputs(x_g=x_g, augment_labels=augment_labels, labels=labels, real_images=real,
                         real_augment_labels=real_augment_labels, draws=draws,
-                        critic_buffers=state.critic.buffers, teacher_variables=teacher_variables,
+                        critic_buffers=state.critic.buffers, teacher_variables=place.gather(teacher_variables),
                         dropout_rng=k_drop, nimg=state.nimg(spec.batch_size),
                         device_batch=place.device_batch(spec.batch_size, spec.grad_accum))
   return lambda params: spec.method.critic_loss(place.gather(params), inputs)
@@ -208,7 +208,8 @@ def generator_objective(spec: StepSpec, state: state_lib.DistillState, critic_va
   labels = batch.get("labels")
   real = batch.get("images") if spec.method.uses_real_images else None
   inputs = GeneratorInputs(labels=labels, real_images=real, draws=draws,
-                           critic_variables=place.gather(critic_variables), teacher_variables=teacher_variables,
+                           critic_variables=place.gather(critic_variables),
+                           teacher_variables=place.gather(teacher_variables),
                            dropout_rng=key, nimg=state.nimg(spec.batch_size),
                            device_batch=place.device_batch(spec.batch_size, spec.grad_accum))
   k_drop = jax.random.fold_in(key, 1)
@@ -260,7 +261,7 @@ def regularizer_phase(spec: StepSpec, state: state_lib.DistillState, critic: sta
   def grad_fn(params, samples, key):
     inputs = CriticInputs(x_g=None, augment_labels=None, labels=samples.get("labels"),
                           real_images=samples.get("images"), real_augment_labels=None, draws={},
-                          critic_buffers=critic.buffers, teacher_variables=teacher_variables,
+                          critic_buffers=critic.buffers, teacher_variables=place.gather(teacher_variables),
                           dropout_rng=key, nimg=nimg, device_batch=device_batch)
 
     def gained(params):
@@ -287,7 +288,6 @@ def step_body(spec: StepSpec, state: state_lib.DistillState, teacher_variables: 
               draws: dict, layout: Optional[sharding_lib.Layout] = None):
   """One iteration over the global batch."""
   place = _Placement(layout)
-  teacher_variables = place.gather(teacher_variables)
   batch, draws = place.batch(batch), place.batch(draws)
   k_critic, k_gen = jax.random.split(iteration_key(state, 1))
   if spec.method.generator_first:
