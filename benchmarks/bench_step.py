@@ -2,6 +2,7 @@
 
     python benchmarks/bench_step.py --configs smoke --steps 5
     python benchmarks/bench_step.py --configs smoke,cifar10,edm2-xs --steps 10 --devices 1,2,4,8
+    python benchmarks/bench_step.py --configs cifar10 --remat none,blocks,full --steps 3
 
 Prints a markdown table, one row per (config, device count). Each row runs in its own process, so its peak
 RSS is its own and XLA_FLAGS can give it exactly the requested number of fake CPU devices (set before
@@ -22,7 +23,6 @@ from typing import Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 import common
 from sida_jax.models import convert
@@ -31,7 +31,8 @@ from sida_jax.train import run as run_lib
 from sida_jax.train import step as step_lib
 
 COLUMNS = (("config", "config", ""), ("device", "device_kind", ""), ("params", "params_m", ".2f"),
-           ("batch", "batch", "d"), ("devices", "devices", "d"), ("dtype", "dtype", ""),
+           ("batch", "batch", "d"), ("devices", "devices", "d"), ("fsdp", "fsdp", "d"), ("remat", "remat", ""),
+           ("dtype", "dtype", ""),
            ("compile s", "compile_s", ".1f"), ("step s", "step_s", ".4f"), ("images/s", "images_per_s", ".3g"),
            ("peak RSS GiB", "peak_rss_gib", ".2f"), ("peak RSS to compile GiB", "peak_rss_compile_gib", ".2f"),
            ("RSS after steps GiB", "rss_steady_gib", ".2f"), ("XLA temp GiB", "xla_temp_gib", ".2f"),
@@ -42,22 +43,21 @@ COLUMNS = (("config", "config", ""), ("device", "device_kind", ""), ("params", "
 
 
 def measure_step(name: str, steps: int = 10, devices: int = 1, dtype: str = "float32",
-                 batch_size: Optional[int] = None) -> dict:
-  """Compiles and times the shared train step of one benchmark config on `devices` devices."""
+                 batch_size: Optional[int] = None, remat: str = "none", fsdp: int = 1) -> dict:
+  """Compiles and times the shared train step of one benchmark config on `devices` devices (`fsdp` of them
+  sharding the state), with `remat` of the generator phase."""
   config = common.bench_config(name, dtype, batch_size)
+  config.remat = remat
   if jax.device_count() < devices:
     raise common.Skip(f"{devices} devices requested, {jax.device_count()} available")
   if config.batch_size % devices:
     raise common.Skip(f"batch {config.batch_size} does not split over {devices} devices")
   load_1m = os.getloadavg()[0]
   run = run_lib.build_run(config)
-  mesh = step_lib.make_mesh(devices)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(run_lib.initial_state(run), replicated)
-  teacher = jax.device_put(run.teacher.variables, replicated)
-  batch = step_lib.shard_batch(next(loop.Batches(run).iterate(0)), mesh)
-  compiled, compile_s, flops = common.compile_timed(step_lib.make_train_step(run.spec, mesh),
-                                                    state, teacher, batch)
+  train_step = step_lib.make_train_step(run.spec, step_lib.make_mesh(devices, fsdp))
+  state, teacher, batch = train_step.place(run_lib.initial_state(run), run.teacher.variables,
+                                           next(loop.Batches(run).iterate(0)))
+  compiled, compile_s, flops = common.compile_timed(train_step, state, teacher, batch)
   rss_after_compile = common.peak_rss_bytes()
   carried = {"state": state}
 
@@ -75,7 +75,8 @@ def measure_step(name: str, steps: int = 10, devices: int = 1, dtype: str = "flo
   return dict(
       config=name, device_kind=jax.devices()[0].device_kind, platform=jax.default_backend(),
       params_m=convert.count_params(run.teacher.variables) / 1e6, batch=config.batch_size,
-      devices=devices, dtype=dtype, matmul_precision=str(jax.config.jax_default_matmul_precision),
+      devices=devices, fsdp=fsdp, remat=remat, dtype=dtype,
+      matmul_precision=str(jax.config.jax_default_matmul_precision),
       compile_s=compile_s, step_s=step_s, step_times=times, images_per_s=config.batch_size / step_s,
       peak_rss_gib=common.peak_rss_bytes() / common.GIB,
       peak_rss_compile_gib=rss_after_compile / common.GIB,
@@ -97,25 +98,26 @@ def _worker_env(devices: int) -> dict:
   return env
 
 
-def run_row(args: argparse.Namespace, name: str, devices: int) -> dict:
+def run_row(args: argparse.Namespace, name: str, devices: int, remat: str = "none") -> dict:
   """One row in a fresh process (own peak RSS, own fake device count); failures become skipped rows."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", name,
              "--devices", str(devices), "--steps", str(args.steps), "--dtype", args.dtype,
-             "--matmul_precision", args.matmul_precision]
+             "--matmul_precision", args.matmul_precision, "--remat", remat, "--fsdp", str(args.fsdp)]
   if args.batch:
     command += ["--batch", str(args.batch)]
   try:
     done = subprocess.run(command, env=_worker_env(devices), capture_output=True, text=True,
                           timeout=args.timeout)
   except subprocess.TimeoutExpired:
-    return dict(config=name, devices=devices, skipped=f"did not finish within {args.timeout} s")
+    return dict(config=name, devices=devices, remat=remat, skipped=f"did not finish within {args.timeout} s")
   lines = done.stdout.strip().splitlines()
   if done.returncode == 0 and lines:
     return json.loads(lines[-1])
   if done.returncode in (-9, 137):
-    return dict(config=name, devices=devices, skipped="killed (out of memory?)")
+    return dict(config=name, devices=devices, remat=remat, skipped="killed (out of memory?)")
   errors = done.stderr.strip().splitlines()
-  return dict(config=name, devices=devices, skipped=errors[-1] if errors else f"exit {done.returncode}")
+  return dict(config=name, devices=devices, remat=remat,
+              skipped=errors[-1] if errors else f"exit {done.returncode}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -129,6 +131,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--matmul_precision", default="highest",
                       help="jax_default_matmul_precision (the fixtures need 'highest': fp32 math)")
   parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
+  parser.add_argument("--remat", default="none", help="comma-separated config.remat values: none,blocks,full")
+  parser.add_argument("--fsdp", type=int, default=1, help="devices sharding the state (config.mesh.fsdp)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -143,19 +147,21 @@ def main(argv=None) -> None:
   if args.worker:
     common.set_matmul_precision(args.matmul_precision)
     try:
-      row = measure_step(names[0], args.steps, device_counts[0], args.dtype, args.batch or None)
+      row = measure_step(names[0], args.steps, device_counts[0], args.dtype, args.batch or None,
+                         args.remat, args.fsdp)
     except common.Skip as reason:
-      row = dict(config=names[0], devices=device_counts[0], skipped=str(reason))
+      row = dict(config=names[0], devices=device_counts[0], remat=args.remat, skipped=str(reason))
     print(json.dumps(row))
     return
   rows = []
   load_before = common.load_average()
   for name in names:
     for devices in device_counts:
-      rows.append(run_row(args, name, devices))
-      row = rows[-1]
-      outcome = row.get("skipped") or f"{row['step_s']:.4f} s/step"
-      print(f"# {name} x{devices}: {outcome}", file=sys.stderr, flush=True)
+      for remat in [r for r in args.remat.split(",") if r]:
+        rows.append(run_row(args, name, devices, remat))
+        row = rows[-1]
+        outcome = row.get("skipped") or f"{row['step_s']:.4f} s/step"
+        print(f"# {name} x{devices} remat {remat}: {outcome}", file=sys.stderr, flush=True)
   print(f"SiD iteration, {args.steps} timed steps after 1 warm-up, matmul precision "
         f"{args.matmul_precision}; load average (1/5/15 min) {load_before} before, "
         f"{common.load_average()} after.\n")

@@ -29,6 +29,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.force_normalize = True     # EDM2 forced weight normalisation of trained networks in train mode
 
   c.batch_size = 256           # global
+  c.grad_accum = 1             # rounds per optimiser step, exact: the gradient of one batch of batch_size
+  # Devices (docs/notes/scaling.md): a 'data' × 'fsdp' mesh, -1 = the devices left over. The batch is split
+  # over every device; parameters, Adam moments, EMA and teacher along 'fsdp' (1: all replicated).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.min_shard_size = 16384  # elements; smaller leaves stay replicated
+  c.remat = "none"             # generator phase: none | blocks (U-Net blocks recomputed) | full (jax.checkpoint
+                               # around the whole generator objective)
   c.total_kimg = 500_000.0
   c.init_sigma = 2.5           # generator input noise level σ_init
 
@@ -156,6 +165,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.precision_recall = False
   c.eval.prompts = ""             # text-to-image: the evaluation captions (.txt, e.g. COCO-2014 val captions)
   c.eval.resolution = 0           # resize generated images (PIL Lanczos) before the detector; 0 = as generated
+
+  # Memory plan (`--mode plan`): per-device bytes of the state and of the step's activations.
+  c.plan = ml_collections.ConfigDict()
+  c.plan.device_gib = 16.0     # memory of one device, for the "fits" verdict
+  c.plan.compile = False       # compile the step for XLA's activation scratch (minutes on CPU) instead of the estimate
 
   # Conversion (`--mode convert`).
   c.convert = ml_collections.ConfigDict()

@@ -1,5 +1,5 @@
 """The modes of main.py (`sida_jax/command.py` parses the command line and runs them through `run`): train |
-teacher | pipeline | sample | eval | convert | ref. This is the only I/O-heavy layer."""
+teacher | pipeline | sample | eval | convert | ref | plan. This is the only I/O-heavy layer."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from sida_jax import checkpoint, evaluation, sampling
+from sida_jax import checkpoint, evaluation, plan as plan_lib, sampling
 from sida_jax.formats import safetensors
 from sida_jax.losses import method as method_lib
 from sida_jax.models import convert
@@ -292,7 +292,7 @@ def pipeline(config, workdir):
 
 
 MODES = {"train": train, "teacher": train_teacher, "pipeline": pipeline, "sample": sample, "eval": evaluate,
-         "convert": convert_network, "ref": reference}
+         "convert": convert_network, "ref": reference, "plan": plan_lib.plan}
 
 
 def _read_history(path: str) -> list:

@@ -40,6 +40,7 @@ MODES = {
     "eval": "FID / Inception Score of the workdir's generator → WORKDIR/eval.json",
     "convert": "a .pkl → Orbax folder (a teacher); a generator → PyTorch-named safetensors",
     "ref": "reference statistics of config.data for FID",
+    "plan": "memory and layout plan of the configured run on this machine's devices (nothing is trained)",
     "keys": "list every config key with its value and meaning (--workdir not needed)",
 }
 NO_WORKDIR = ("keys",)
@@ -354,8 +355,12 @@ def main(argv: Sequence[str]) -> int:
   setup_logging(FLAGS.debug)
   try:
     from sida_jax.train import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
-    if FLAGS.mode in LOCKING_MODES and not workdir_lib.multi_process_environment():
+    explicit = bool(FLAGS.coordinator_address or FLAGS.num_processes)   # multi-process by flags
+    if FLAGS.mode in LOCKING_MODES and not (explicit or workdir_lib.multi_process_environment()):
       workdir_lib.check_free(FLAGS.workdir)   # a busy workdir is refused before the slow imports
+    if explicit:   # before anything touches a device
+      import jax  # pylint: disable=import-outside-toplevel
+      jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from sida_jax import cli  # pylint: disable=import-outside-toplevel
     from sida_jax.train import preemption  # pylint: disable=import-outside-toplevel
     try:

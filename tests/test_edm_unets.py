@@ -177,3 +177,46 @@ def test_encoder_logits_helper_is_channel_mean():
   logits = edm.encoder_logits(x)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits[..., 0], np.asarray(x, np.float32).mean(-1), rtol=1e-6)
+
+
+def _residual_bytes(fn, variables):
+  """Bytes autodiff keeps for the backward pass of fn (the residuals of jax.vjp, traced only)."""
+  residuals = jax.eval_shape(lambda v: jax.vjp(fn, v)[1], variables)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(residuals))
+
+
+def _remat_case(model_type):
+  kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_type=model_type, model_channels=8,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.3)
+  module = registry.build_network('EDMPrecond', kwargs)
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  sigma = jnp.array([0.5, 3.0])
+
+  def loss_fn(network):
+    def loss(variables):
+      out = network.apply(variables, x, sigma, None, None, train=True, rngs={'dropout': jax.random.key(2)})
+      return jnp.sum(out ** 2)
+    return loss
+  return module, registry.with_block_remat(module), loss_fn
+
+
+@pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
+def test_block_remat_keeps_the_variables_and_keeps_fewer_bytes_for_the_backward_pass(model_type):
+  module, remat, loss_fn = _remat_case(model_type)
+  assert remat.model.remat_blocks and not module.model.remat_blocks
+  template = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), convert.variables_template(m))
+  assert template(remat) == template(module)
+  variables = jax.eval_shape(lambda: _random_variables(module, 0))
+  assert _residual_bytes(loss_fn(remat), variables) < 0.7 * _residual_bytes(loss_fn(module), variables)
+
+
+def test_block_remat_keeps_outputs_and_gradients():
+  """remat_blocks (config.remat='blocks'): the same loss and gradients in train mode (dropout masks are
+  replayed in the recomputation)."""
+  module, remat, loss_fn = _remat_case('SongUNet')
+  variables = _random_variables(module, 0, std=0.2)
+  plain_loss, plain_grads = jax.jit(jax.value_and_grad(loss_fn(module)))(variables)
+  remat_loss, remat_grads = jax.jit(jax.value_and_grad(loss_fn(remat)))(variables)
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max() + 1e-30))

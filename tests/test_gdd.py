@@ -1,6 +1,8 @@
 """GDD / GDD-I: the losses and the lazy R1 against the official reduction in numpy (for the teacher-feature
 discriminator and for any other), the official Adam adjustment and freezing rule, frozen parameters that stay
-bit-identical through the real training step, and a step that does not depend on the device count."""
+bit-identical through the real training step, and a step that does not depend on the device count or on
+gradient accumulation."""
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -237,9 +239,10 @@ def test_bad_feature_sigmas_are_rejected():
     gdd.make(_config(feature_sigmas=(1.0, -2.0)), Networks(den, den, den))
 
 
-def test_gdd_step_does_not_depend_on_the_device_count():
+def test_gdd_step_does_not_depend_on_the_device_count_or_accumulation():
   """With gan_sum_size fixed, R1 (lazy, every 2nd iteration here) keeps its weight against the GAN terms
-  whatever the per-device batch: one device (8 samples) and eight (1 sample each) give the same run."""
+  whatever the per-device batch: one device (8 samples), eight (1 sample each) and four with two accumulation
+  rounds (R1 accumulated too) give the same run."""
   den = toy.toy_denoiser((16, 16))
   teacher = toy.init_toy(den, jax.random.key(0), SHAPE)
   nets = Networks(den, den, den)
@@ -254,9 +257,9 @@ def test_gdd_step_does_not_depend_on_the_device_count():
   batches = [{phase: {"images": rng.randn(N, *SHAPE).astype(np.float32)} for phase in ("critic", "generator")}
              for _ in range(3)]
   runs = []
-  for devices in (1, 8):
+  for devices, rounds in ((1, 1), (8, 1), (4, 2)):
     mesh = step_lib.make_mesh(devices)
-    train_step = step_lib.make_train_step(spec, mesh)
+    train_step = step_lib.make_train_step(dataclasses.replace(spec, grad_accum=rounds), mesh)
     state = state_lib.init_state(jax.random.key(2), teacher, heads, spec.generator_tx, spec.critic_tx)
     flags = []
     for batch in batches:
@@ -266,8 +269,9 @@ def test_gdd_step_does_not_depend_on_the_device_count():
     assert flags == [0.0, 0.0, 1.0] and float(metrics["loss_r1"]) > 0
   diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert diff(runs[0].critic.params, runs[1].critic.params) < 1e-6
-  assert diff(runs[0].generator.params, runs[1].generator.params) < 1e-6
+  for other in runs[1:]:
+    assert diff(runs[0].critic.params, other.critic.params) < 1e-6
+    assert diff(runs[0].generator.params, other.generator.params) < 1e-6
   assert diff(runs[0].critic.params, heads["params"]) > 1e-4
   assert diff(runs[0].generator.params, teacher["params"]) > 1e-4
 

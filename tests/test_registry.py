@@ -68,3 +68,16 @@ def test_edm2_classes_are_delegated(kwargs_path):
   assert sorted(back) == sorted(state)
   for name, value in state.items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_block_remat_clones_the_unet_and_refuses_networks_without_blocks():
+  edm2_module = registry.build_network('Precond', dict(img_resolution=8, img_channels=4, label_dim=0,
+                                                       model_channels=8, channel_mult=[1], num_blocks=1,
+                                                       attn_resolutions=[]))
+  assert registry.with_block_remat(edm2_module).remat_blocks and not edm2_module.remat_blocks
+  edm_module = registry.build_network('EDMPrecond', dict(img_resolution=8, img_channels=3, model_type='SongUNet',
+                                                         model_channels=8, channel_mult=[1], num_blocks=1,
+                                                         attn_resolutions=[]))
+  assert registry.with_block_remat(edm_module).model.remat_blocks
+  with pytest.raises(ValueError, match='needs an EDM or EDM2 U-Net, not ToyPrecond'):
+    registry.with_block_remat(registry.build_network('ToyPrecond', dict(img_resolution=4, img_channels=2)))

@@ -74,3 +74,30 @@ def test_generator_init_from_an_official_sida_training_state():
 def _max_diff_trees(a, b):
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a),
                                                                                    jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("grad_accum", 4, "not divisible by the 8 devices × config.grad_accum=4"),
+    ("grad_accum", 0, "positive number of rounds"),
+    ("remat", "all", "config.remat='all' is not one of"),
+    ("remat", "blocks", "needs an EDM or EDM2 U-Net, not ToyPrecond"),
+    ("mesh.fsdp", 3, "8 devices do not split into groups of 3"),
+    ("mesh.data", 4, r"data × fsdp = 4 × 1 = 4 but there are 8 devices"),
+])
+def test_bad_scaling_settings_fail_at_start_up(key, value, message):
+  config = _config(batch_size=16)
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message):
+    run_lib.build_run(config)
+
+
+def test_block_remat_applies_to_the_generator_phase_only():
+  """remat='blocks': the generator phase's networks (the step's generator, the method's generator loss)
+  recompute their U-Net blocks; the run's networks, used by the critic phase and sampling, do not."""
+  config = smoke.get_config("ddpmpp")
+  config.remat = "blocks"
+  run = run_lib.build_run(config)
+  assert run.spec.nets.generator.module.model.remat_blocks
+  assert not run.nets.generator.module.model.remat_blocks and not run.nets.critic.module.model.remat_blocks
+  assert run.layout().mesh.shape == {"data": 8, "fsdp": 1}

@@ -1,5 +1,6 @@
-"""The shared training step: device-count invariance, gating, EMA, non-finite handling, teacher untouched,
-the generator-first order and the lazy critic regulariser."""
+"""The shared training step: device-count and mesh invariance (data × fsdp), parameter shards, exact gradient
+accumulation, gating, EMA, non-finite handling, teacher untouched, the generator-first order and the lazy critic
+regulariser."""
 import dataclasses
 
 import jax
@@ -20,8 +21,8 @@ BATCH = 16
 LABELS = 3
 
 
-def _setup(module, loss_overrides=None, batch=BATCH):
-  denoiser = toy.toy_denoiser((32, 32), label_dim=LABELS)
+def _setup(module, loss_overrides=None, batch=BATCH, dropout=0.0, grad_accum=1):
+  denoiser = toy.toy_denoiser((32, 32), label_dim=LABELS, dropout=dropout)
   variables = toy.init_toy(denoiser, jax.random.key(0), SHAPE)
   nets = Networks(denoiser, denoiser, denoiser)
   config = ml_collections.ConfigDict({"loss": dict(alpha=1.0, **(loss_overrides or {}))})
@@ -30,7 +31,7 @@ def _setup(module, loss_overrides=None, batch=BATCH):
       method=method, nets=nets, batch_size=batch, image_shape=SHAPE, init_sigma=2.5,
       generator_tx=state_lib.make_optimizer(1e-3),
       critic_tx=state_lib.make_optimizer(1e-3, clip_value=method.critic_grad_clip),
-      ema_halflife_mimg=1e-5)
+      ema_halflife_mimg=1e-5, grad_accum=grad_accum)
   return spec, variables
 
 
@@ -42,16 +43,16 @@ def _batches(steps, batch=BATCH, seed=0):
   return [{"critic": half(), "generator": half()} for _ in range(steps)]
 
 
-def _run(spec, variables, num_devices, steps=3, state=None):
-  mesh = step_lib.make_mesh(num_devices)
-  train_step = step_lib.make_train_step(spec, mesh)
+def _run(spec, variables, num_devices, steps=3, state=None, fsdp=1, min_shard_size=0, keep_placed=False):
+  mesh = step_lib.make_mesh(num_devices, fsdp)
+  train_step = step_lib.make_train_step(spec, mesh, min_shard_size)
   if state is None:
     state = state_lib.init_state(jax.random.key(1), variables, variables, spec.generator_tx, spec.critic_tx)
   history = []
   for batch in _batches(steps):
     state, metrics = train_step(state, variables, step_lib.shard_batch(batch, mesh))
     history.append(jax.device_get(metrics))
-  return jax.device_get(state), history
+  return (state if keep_placed else jax.device_get(state)), history
 
 
 def _max_diff(a, b):
@@ -73,6 +74,85 @@ def test_one_and_eight_devices_agree(module, overrides):
   assert _max_diff(s1.critic.params, s8.critic.params) < 1e-6
   # The generator really moved (the comparison above is not vacuous).
   assert _max_diff(s1.generator.params, variables["params"]) > 1e-4
+
+
+def _max_relative_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / max(np.max(np.abs(np.asarray(x))), 1e-30))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _assert_same_run(h1, s1, h2, s2, variables):
+  for m1, m2 in zip(h1, h2):
+    for key in ("loss_critic", "loss_generator"):
+      np.testing.assert_allclose(m1[key], m2[key], rtol=2e-5)
+  for name in ("generator", "critic"):
+    assert _max_diff(getattr(s1, name).params, getattr(s2, name).params) < 1e-6
+    # Adam moments hold raw gradients (up to ~1): compared relative to each leaf's scale.
+    assert _max_relative_diff(getattr(s1, name).opt_state, getattr(s2, name).opt_state) < 2e-5
+  assert _max_diff(s1.generator_ema, s2.generator_ema) < 1e-6
+  assert _max_diff(s1.generator.params, variables["params"]) > 1e-4
+
+
+@pytest.mark.parametrize("module,overrides", [(sid, {}),
+                                               (sida, dict(adv_pool_size=2, critic_only_kimg=0.0,
+                                                           sid_only_kimg=0.0))])
+def test_data_by_fsdp_mesh_agrees_with_one_device_and_holds_quarter_shards(module, overrides):
+  """Mesh data=2 × fsdp=4 against one device, with dropout in the trained networks: the masks are drawn for
+  the global batch, so they do not depend on the mesh either. Every leaf of the state (parameters, both Adam
+  moments, EMA) is split in four along one axis."""
+  spec, variables = _setup(module, overrides, dropout=0.2)
+  s1, h1 = _run(spec, variables, 1)
+  placed, h8 = _run(spec, variables, 8, fsdp=4, keep_placed=True)
+  _assert_same_run(h1, s1, h8, jax.device_get(placed), variables)
+  adam = next(s for s in placed.critic.opt_state if isinstance(s, state_lib.AdamState))
+  trees = {"generator": placed.generator.params, "critic": placed.critic.params, "ema": placed.generator_ema,
+           "adam": (adam.mu, adam.nu)}
+  leaves = jax.tree.leaves(trees)
+  assert len(leaves) > 20
+  for leaf in leaves:
+    shards = leaf.addressable_shards
+    assert len(shards) == 8
+    axis = [a for a, (n, m) in enumerate(zip(leaf.shape, shards[0].data.shape)) if n != m]
+    assert len(axis) == 1 and shards[0].data.shape[axis[0]] * 4 == leaf.shape[axis[0]], (leaf.shape, axis)
+    assert len({tuple(s.index[axis[0]].indices(leaf.shape[axis[0]])) for s in shards}) == 4
+
+
+def test_dropout_really_differs_between_keys():
+  """The dropout comparison above is not vacuous: the same run without dropout gives other parameters."""
+  spec, variables = _setup(sid, dropout=0.2)
+  plain, _ = _setup(sid)
+  s_drop, _ = _run(spec, variables, 1, steps=1)
+  s_plain, _ = _run(plain, variables, 1, steps=1)
+  assert _max_diff(s_drop.generator.params, s_plain.generator.params) > 1e-5
+
+
+@pytest.mark.parametrize("module,overrides", [(sid, {}),
+                                               (sida, dict(adv_pool_size=2, critic_only_kimg=0.0,
+                                                           sid_only_kimg=0.0))])
+def test_gradient_accumulation_equals_one_batch(module, overrides):
+  """k rounds of B/k samples give the gradient of one batch of B (the official per-round division by the
+  per-device total batch): 4 rounds on one device and 2 rounds on a 2 × 4 mesh equal one round on one device,
+  for SiD and for SiDA with a fixed BCE pool (pools are the same sample groups whatever k)."""
+  spec, variables = _setup(module, overrides)
+  s1, h1 = _run(spec, variables, 1)
+  s4, h4 = _run(dataclasses.replace(spec, grad_accum=4), variables, 1)
+  _assert_same_run(h1, s1, h4, s4, variables)
+  s2, h2 = _run(dataclasses.replace(spec, grad_accum=2), variables, 8, fsdp=4)
+  _assert_same_run(h1, s1, h2, s2, variables)
+
+
+def test_sida_default_pool_is_the_per_device_micro_batch():
+  """adv_pool_size = 0: the BCE pools are the official batch_gpu = batch / (devices × rounds); with 2 rounds on
+  4 devices that is 2 samples, the same run as a fixed pool of 2 on one device."""
+  overrides = dict(critic_only_kimg=0.0, sid_only_kimg=0.0)
+  default, variables = _setup(sida, overrides, grad_accum=2)
+  fixed, _ = _setup(sida, dict(overrides, adv_pool_size=2))
+  s_default, h_default = _run(default, variables, 4, steps=2)
+  s_fixed, h_fixed = _run(fixed, variables, 1, steps=2)
+  _assert_same_run(h_fixed, s_fixed, h_default, s_default, variables)
+  whole, _ = _setup(sida, overrides)   # one device, one round: a single pool of 16 is another run
+  s_whole, _ = _run(whole, variables, 1, steps=2)
+  assert _max_diff(s_whole.critic.params, s_fixed.critic.params) > 1e-6
 
 
 def test_sida_stage_gate_and_mixture_switch_at_the_right_kimg():
@@ -131,6 +211,9 @@ def test_frozen_mask_keeps_parameters_bit_identical():
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   spec, _ = _setup(sid, batch=12)
   with pytest.raises(ValueError, match="not divisible"):
+    step_lib.make_train_step(spec, step_lib.make_mesh(8))
+  spec, _ = _setup(sid, batch=8, grad_accum=2)
+  with pytest.raises(ValueError, match="8 devices of the mesh × 2 accumulation rounds"):
     step_lib.make_train_step(spec, step_lib.make_mesh(8))
 
 

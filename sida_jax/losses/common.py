@@ -69,8 +69,8 @@ def group_mean(x: Array, pool_size: int, keep: Array | None = None) -> Array:
   """
   n = x.shape[0]
   if pool_size <= 0 or n % pool_size:
-    raise ValueError(f"adv_pool_size={pool_size} must be positive and divide the per-device batch {n} "
-                     f"(use fewer devices or set config.loss.adv_pool_size)")
+    raise ValueError(f"adv_pool_size={pool_size} must be positive and divide the batch of {n} samples of one "
+                     f"accumulation round (set config.loss.adv_pool_size or config.grad_accum)")
   flat = x.reshape(n, -1)
   if keep is None:
     keep = jnp.ones((n,), bool)

@@ -16,8 +16,9 @@ Discriminator (`config.gdd.discriminator`):
                (`feature_sigmas`; the input is not noised, so P_l is deterministic) as feature networks,
                P_l(x) = [D_φ(x; σ_l), encoder logits of D_φ at σ_l], flattened, one small leaky-ReLU MLP head
                per level (projection conditioning on the class label for conditional data).
-Any `Discriminator` plugs in: its `logits(variables, frozen, x, labels)` returns one array [N, ...] per
-feature network (the logits of all that network's heads, in any trailing shape) and its updated buffers.
+Any `Discriminator` plugs in: its `logits(variables, frozen, x, labels, device_batch)` returns one array [N, ...]
+per feature network (the logits of all that network's heads, in any trailing shape) and its updated buffers
+(`device_batch`: the per-device micro-batch, the default batch-norm group; 0 for the whole batch).
 
 Losses as the official `GDDLoss` reduces them (spec ALGORITHMS.md §12.18): per sample and feature network the
 mean of that sample's logits, summed over feature networks and over samples, non-saturating:
@@ -25,8 +26,9 @@ mean of that sample's logits, summed over feature networks and over samples, non
     generator      Σ_i Σ_l mean softplus(−l(x_g,i)), differentiated through the frozen features into x_g
     R1             γ/2 · mean_i ‖∇_x Σ(all logits of x_real,i)‖²   (a mean, not a sum, over samples)
 The official sums run over one GPU's samples, so γ's weight against the GAN terms depends on the per-GPU
-batch. Here every sum is the per-device mean × `gan_sum_size` (0: the per-device batch), which fixes that
-weight independently of the device count: the recipes use the per-GPU batch of [004]'s 8-GPU runs.
+batch. Here every sum is the mean over samples × `gan_sum_size` (0: the per-device micro-batch,
+`inputs.device_batch`), which fixes that weight independently of the device count: the recipes use the
+per-GPU batch of [004]'s 8-GPU runs.
 R1 is lazy, as in the official loop: a separate discriminator step every `r1_interval` iterations (not the
 first) on interval × R1, with the discriminator's Adam at lr·k/(k+1) and β2^(k/(k+1)) (k = interval; see
 `method.LazyRegularizer`). Each iteration trains the generator first, then the discriminator on samples of
@@ -42,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -178,7 +180,9 @@ def teacher_feature_discriminator(hp: GDDHyper, nets: Networks) -> Discriminator
   """The frozen teacher read at `feature_sigmas` as feature networks, one MLP head each (no buffers)."""
   heads = DiscriminatorHeads(hp.head_width, nets.teacher.label_dim)
 
-  def logits(variables: dict, teacher_variables: dict, x: Array, labels: Optional[Array]) -> tuple:
+  def logits(variables: dict, teacher_variables: dict, x: Array, labels: Optional[Array],
+             device_batch: int = 0) -> tuple:
+    del device_batch   # no batch statistics
     features = teacher_features(hp, nets.teacher, teacher_variables, x, labels)
     return heads.apply(variables, features, labels if nets.teacher.label_dim else None), {}
 
@@ -212,11 +216,11 @@ def projected_discriminator(settings: ProjectedSettings, image_shape: tuple, lab
   features = disc.load_backbones({"features": disc.init_features(jax.random.key(settings.seed))},
                                  feature_weights)["features"]
 
-  def logits(variables: dict, frozen: dict, x: Array, labels: Optional[Array]) -> tuple:
+  def logits(variables: dict, frozen: dict, x: Array, labels: Optional[Array], device_batch: int = 0) -> tuple:
     n = x.shape[0]
-    size = settings.batch_stat_size or n
+    size = settings.batch_stat_size or min(device_batch or n, n)
     if n % size:
-      raise ValueError(f"gdd: the per-device batch of {n} does not split into batch-norm groups of "
+      raise ValueError(f"gdd: a batch of {n} does not split into batch-norm groups of "
                        f"config.gdd.batch_stat_size={size}")
     grouped = dataclasses.replace(disc, batch_stat_groups=n // size)
     out, buffers = grouped.apply({"features": frozen["features"], "heads": variables}, x,
@@ -245,9 +249,9 @@ def input_gradient_norms(logits_fn: Callable[[Array], tuple], real: Array) -> tu
   return logits, jnp.sum(grads.reshape(real.shape[0], -1).astype(jnp.float32) ** 2, axis=1), aux
 
 
-def _sum_scale(hp: GDDHyper, n: int) -> float:
-  """The official per-GPU sum over samples as a per-device mean × gan_sum_size."""
-  return (hp.gan_sum_size or n) / n
+def _sum_scale(hp: GDDHyper, n: int, device_batch: int) -> float:
+  """The official per-GPU sum over samples as a mean × gan_sum_size (default: the per-device micro-batch)."""
+  return (hp.gan_sum_size or device_batch or n) / n
 
 
 def _mean_logit(logits: Sequence[Array]) -> Array:
@@ -263,13 +267,13 @@ def make_critic_loss(hp: GDDHyper, discriminator: Discriminator):
   def critic_loss(params, inputs: CriticInputs):
     n = inputs.x_g.shape[0]
     fake, buffers = discriminator.logits({"params": params, **inputs.critic_buffers}, inputs.teacher_variables,
-                                         inputs.x_g, inputs.labels)
+                                         inputs.x_g, inputs.labels, inputs.device_batch)
     real, buffers = discriminator.logits({"params": params, **buffers}, inputs.teacher_variables,
-                                         inputs.real_images, inputs.labels)
+                                         inputs.real_images, inputs.labels, inputs.device_batch)
     per_sample = (per_sample_logit_means(fake, common.softplus)
                   + per_sample_logit_means(real, lambda l: common.softplus(-l)))
     keep = common.finite_samples(inputs.x_g, inputs.real_images, *fake, *real)
-    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n)
+    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n, inputs.device_batch)
     metrics = {"loss_critic": loss, "logit_real": _mean_logit(real), "logit_fake": _mean_logit(fake)}
     return loss, _with_buffers(metrics, buffers)
   return critic_loss
@@ -281,7 +285,7 @@ def make_r1_loss(hp: GDDHyper, discriminator: Discriminator):
     real = inputs.real_images
     logits, penalty, buffers = input_gradient_norms(
         lambda x: discriminator.logits({"params": params, **inputs.critic_buffers}, inputs.teacher_variables,
-                                       x, inputs.labels), real)
+                                       x, inputs.labels, inputs.device_batch), real)
     keep = common.finite_samples(real, penalty, *logits)
     loss = common.masked_sum(penalty, keep) * (hp.r1_gamma / 2) / real.shape[0]
     return loss, _with_buffers({"loss_r1": loss}, buffers)
@@ -292,10 +296,11 @@ def make_generator_loss(hp: GDDHyper, discriminator: Discriminator):
   """The official G stage: the previous discriminator, in training mode, on x_g."""
   def generator_loss(x_g: Array, inputs: GeneratorInputs):
     n = x_g.shape[0]
-    logits, buffers = discriminator.logits(inputs.critic_variables, inputs.teacher_variables, x_g, inputs.labels)
+    logits, buffers = discriminator.logits(inputs.critic_variables, inputs.teacher_variables, x_g, inputs.labels,
+                                           inputs.device_batch)
     per_sample = per_sample_logit_means(logits, lambda l: common.softplus(-l))
     keep = common.finite_samples(x_g, *logits)
-    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n)
+    loss = common.masked_sum(per_sample, keep) * _sum_scale(hp, n, inputs.device_batch)
     return loss, _with_buffers({"loss_generator": loss}, buffers)
   return generator_loss
 

@@ -9,7 +9,9 @@ draws, generator forward passes, augmentation, gradients, optimisers, EMA, devic
   generator_loss(x_g, inputs: GeneratorInputs) -> (loss, metrics)
       the generator's loss as a function of its differentiable output x_g.
 
-Both see the per-device batch and divide their sums by its size; the step averages gradients over devices.
+Both see the whole batch (or one accumulation round of it) and divide their per-sample sums by its size: the
+official per-device sums over the per-device batch, averaged over devices. Reductions the official code makes
+per device (SiDA's BCE pools, GDD's sums) default to groups of `inputs.device_batch` samples.
 A method may also ask for the generator phase to run first (`generator_first`) and for a lazy critic
 regulariser (`critic_regularizer`: its own optimiser step every few iterations). A critic whose calls change
 its non-trainable variables (GDD's heads: batch-norm statistics, spectral-norm vectors) has each loss return
@@ -43,8 +45,10 @@ class Networks:
 
 
 def _pytree(cls):
-  fields = [f.name for f in dataclasses.fields(cls)]
-  return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+  names = [f.name for f in dataclasses.fields(cls)]
+  static = [n for n in names if n == "device_batch"]   # a Python int: shapes depend on it
+  return jax.tree_util.register_dataclass(cls, data_fields=[n for n in names if n not in static],
+                                          meta_fields=static)
 
 
 @_pytree
@@ -61,6 +65,9 @@ class CriticInputs:
   teacher_variables: dict
   dropout_rng: Array
   nimg: Array                      # images seen before this iteration (float32)
+  # Samples per device and accumulation round (the official `batch_gpu`): the default group of the official
+  # per-device reductions (SiDA's BCE pools, GDD's sums); 0: the batch the loss sees.
+  device_batch: int = 0
 
 
 @_pytree
@@ -73,6 +80,7 @@ class GeneratorInputs:
   teacher_variables: dict
   dropout_rng: Array
   nimg: Array
+  device_batch: int = 0            # as in CriticInputs
 
 
 DrawFn = Callable[[Array, int, tuple], dict]

@@ -32,13 +32,13 @@ class SiDAHyper(sid.SiDHyper):
   adversarial_scale: float = 0.01    # λ_adv (`lsg_gan`)
   logit_clamp: float = 10.0
   critic_grad_clip: float = 1.0      # element-wise; 0 disables (EDM2 loop)
-  adv_pool_size: int = 0             # 0: the per-device batch, as the official per-GPU code
+  adv_pool_size: int = 0             # 0: the per-device micro-batch (inputs.device_batch), as the official code
   critic_only_kimg: float = 100.0    # stage 1: the generator does not step
   sid_only_kimg: float = 200.0       # stage 2: the generator uses the SiD loss alone
 
 
-def _pool(hp: SiDAHyper, n: int) -> int:
-  return hp.adv_pool_size or n
+def _pool(hp: SiDAHyper, n: int, device_batch: int) -> int:
+  return hp.adv_pool_size or device_batch or n
 
 
 def make_critic_loss(hp: SiDAHyper, nets: Networks):
@@ -57,7 +57,7 @@ def make_critic_loss(hp: SiDAHyper, nets: Networks):
     keep = common.finite_samples(y, fake.denoised, fake.logits, real.logits)
     dsm = sid.denoising_terms(hp, y, fake.denoised, sigma, fake.logvar)
     loss_dsm = common.masked_sum(dsm, keep) * hp.critic_scale / n
-    pool = _pool(hp, n)
+    pool = _pool(hp, n, inputs.device_batch)
     bce_real = common.group_mean(common.softplus(-real.logits), pool, keep)
     bce_fake = common.group_mean(common.softplus(fake.logits), pool, keep)
     d_terms = common.edm_weight(sigma, hp.sigma_data) * 0.5 * (bce_real + bce_fake)
@@ -74,11 +74,11 @@ def _augment(nets: Networks, labels, y):
   return labels if labels is not None else nets.critic.zero_augment_labels(y.shape[0])
 
 
-def adversarial_terms(hp: SiDAHyper, logits: Array, w: Array, divisor, keep: Array) -> Array:
+def adversarial_terms(hp: SiDAHyper, logits: Array, w: Array, divisor, keep: Array, device_batch: int = 0) -> Array:
   """Per-sample generator GAN term BCE(clamp(l), 1)/w_i (/e^u), before the ×C·H·W."""
   n = logits.shape[0]
   clamped = jnp.clip(logits, -hp.logit_clamp, hp.logit_clamp)
-  bce = common.group_mean(common.softplus(-clamped), _pool(hp, n), keep)
+  bce = common.group_mean(common.softplus(-clamped), _pool(hp, n, device_batch), keep)
   return bce.reshape(n, 1, 1, 1) / w / divisor
 
 
@@ -87,7 +87,7 @@ def make_generator_loss(hp: SiDAHyper, nets: Networks):
     _, teacher_out, critic = sid.generator_phase_outputs(hp, nets, x_g, inputs, critic_mode="encoder_decoder")
     loss_sid, w, divisor, keep = sid.sid_generator_loss(hp, x_g, teacher_out, critic)
     keep = keep & common.finite_samples(critic.logits)
-    gan = adversarial_terms(hp, critic.logits, w, divisor, keep)
+    gan = adversarial_terms(hp, critic.logits, w, divisor, keep, inputs.device_batch)
     pixels = x_g.shape[1] * x_g.shape[2] * x_g.shape[3]
     loss_gan = common.masked_sum(gan * pixels, keep) * hp.adversarial_scale / x_g.shape[0]
     mixed = inputs.nimg > hp.sid_only_kimg * 1000

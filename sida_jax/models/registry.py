@@ -63,6 +63,17 @@ def denoiser_for(network_module: nn.Module, class_name: str, init_kwargs: Mappin
                   has_logvar=bool(use_logvar and is_edm2_class(class_name)))
 
 
+def with_block_remat(module: nn.Module) -> nn.Module:
+  """The same network (same parameters) with every U-Net block rematerialised: its activations are
+  recomputed in the backward pass instead of kept (EDM's UNetBlock, EDM2's Block)."""
+  if hasattr(module, 'remat_blocks'):   # EDM2 Precond
+    return module.clone(remat_blocks=True)
+  model = getattr(module, 'model', None)  # EDM preconditioners wrap a U-Net
+  if model is not None and hasattr(model, 'remat_blocks'):
+    return module.clone(model=model.clone(remat_blocks=True))
+  raise ValueError(f'block rematerialisation needs an EDM or EDM2 U-Net, not {type(module).__name__}')
+
+
 @dataclasses.dataclass
 class Network:
   """A converted network: module, variables and the official constructor record, callable in eval mode."""

@@ -22,6 +22,7 @@ import numpy as np
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax.train import preemption
 from sida_jax.train import run as run_lib
+from sida_jax.train import sharding
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 from sida_jax.train import tensorboard
@@ -162,10 +163,10 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def place_state(state, mesh: jax.sharding.Mesh):
-  """The train state laid out on `mesh` (replicated over its devices). Checkpoints are restored into the
-  shardings this gives, whatever device count they were written on."""
-  return jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+def place_state(state, layout: sharding.Layout):
+  """The train state laid out on the layout's mesh (split along 'fsdp' by its rules, else replicated).
+  Checkpoints are restored into the shardings this gives, whatever device count they were written on."""
+  return layout.place(state)
 
 
 def restore_newest(mngr, target) -> tuple:
@@ -222,22 +223,23 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
   logging.info("%s on %d %s device(s), %d process(es); workdir %s", config.method, jax.device_count(),
                jax.devices()[0].platform, jax.process_count(), workdir)
   writer = tensorboard.SummaryWriter(workdir, enabled=is_main)
-  mesh = step_lib.make_mesh()
-  train_step = step_lib.make_train_step(run.spec, mesh)
+  layout = run.layout()
+  mesh = layout.mesh
+  train_step = step_lib.make_train_step(run.spec, mesh, layout.min_shard_size)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   mngr = checkpoint.manager(ckpt_dir, config.max_to_keep)
-  state = place_state(run_lib.initial_state(run), mesh)
+  state = run_lib.initial_state(run, layout)   # built in place on the mesh
   batch = run.batch_size
   best = {"fid": float("inf")}
   evaluation_due = False   # an evaluation skipped by a stop signal, made up on the resume
   if mngr.latest_step() is not None:
     state, meta = restore_newest(mngr, state)
-    state = place_state(continue_with_batch(state, int(meta.get("batch_size", batch)), batch), mesh)
+    state = place_state(continue_with_batch(state, int(meta.get("batch_size", batch)), batch), layout)
     best["fid"] = meta.get("best_fid") or float("inf")
     evaluation_due = bool(meta.get("evaluation_due"))
     logging.info("resumed from %s/%d (%.3f kimg)", ckpt_dir, int(meta["step"]),
                  float(jax.device_get(state.nimg(batch))) / 1000)
-  teacher_variables = place_state(run.frozen_variables, mesh)   # the teacher, or the method's
+  teacher_variables = place_state(run.frozen_variables, layout)   # the teacher, or the method's
   step_base, nimg_base = int(state.step_base), int(state.nimg_base)
   images = lambda step: nimg_base + (step - step_base) * batch   # images seen after `step` iterations
   total_steps = step_base + int(math.ceil((config.total_kimg * 1000 - nimg_base) / batch))

@@ -3,8 +3,8 @@
 `build_run(config)` loads the teacher (a snapshot, a converted folder or a fresh `config.network`),
 builds the trained networks, the method (`losses/<config.method>.py`), the data, the optimisers and
 the step specification, and checks them against each other; the helpers below it take plain values.
-`initial_state(run)` gives the first DistillState. A Stable Diffusion pipeline folder as the teacher makes a
-text-to-image run instead (`train/t2i.py`), with the same `Run` record.
+`initial_state(run, layout)` gives the first DistillState, placed on the mesh (`sharding.py`). A Stable Diffusion
+pipeline folder as the teacher makes a text-to-image run instead (`train/t2i.py`), with the same `Run` record.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 
 from sida_jax import checkpoint, data as data_lib, sampling
 from sida_jax import augment as augment_lib
@@ -26,7 +27,9 @@ from sida_jax.losses import method as method_lib
 from sida_jax.losses.method import Method, Networks
 from sida_jax.models import convert
 from sida_jax.models.edm2 import networks as edm2
-from sida_jax.models.registry import Network, build_network, denoiser_for, is_edm2_class, rewrap
+from sida_jax.models.registry import (Network, build_network, denoiser_for, is_edm2_class, rewrap,
+                                     with_block_remat)
+from sida_jax.train import sharding
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -53,6 +56,8 @@ class Run:
   dtype: Any                  # compute dtype of the networks
   sample_rng: str = 'torch_cpu'  # per-seed noise of sample grids and evaluations (sampling.seed_noise)
   text: Any = None              # text-to-image runs: the frozen text side (text_to_image.TextConditioning)
+  mesh: tuple = (-1, 1)       # (data, fsdp) as configured; -1: the devices left over
+  min_shard_size: int = sharding.MIN_SHARD_SIZE
 
   @property
   def class_name(self) -> str:
@@ -64,10 +69,18 @@ class Run:
     frozen = self.method.frozen_variables
     return self.teacher.variables if frozen is None else frozen(self.teacher.variables)
 
+  def layout(self, devices=None) -> sharding.Layout:
+    """The mesh of `config.mesh` over `devices` (default: all) with the sharding rules."""
+    return sharding.Layout(sharding.make_mesh(*self.mesh, devices=devices), self.min_shard_size)
+
   @functools.cached_property
   def generate(self):
-    """Jitted one-step generation (variables, z, labels) -> images, compiled once per run."""
-    return jax.jit(lambda v, z, y: sampling.generate(self.nets.generator, v, z, y, self.spec.init_sigma))
+    """Jitted one-step generation (variables, z, labels) -> images, compiled once per run. With several
+    processes the images come back whole on every process (grids and evaluations read them on the host)."""
+    fn = jax.jit(lambda v, z, y: sampling.generate(self.nets.generator, v, z, y, self.spec.init_sigma))
+    if jax.process_count() == 1:
+      return fn
+    return lambda v, z, y: multihost_utils.process_allgather(fn(v, z, y), tiled=True)
 
   def device_batch(self, batch: dict) -> dict:
     """The step's batch from the one placed on the devices: prompt token ids become text embeddings."""
@@ -138,15 +151,21 @@ def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks, **
   return importlib.import_module(f"sida_jax.losses.{name}").make(config, nets, **weights)
 
 
-def build_run(config: ml_collections.ConfigDict) -> Run:
-  """Reads the config, validates it against the teacher and data, and builds the step specification."""
+def build_run(config: ml_collections.ConfigDict, teacher: Optional[Network] = None,
+              with_data: bool = True) -> Run:
+  """Reads the config, validates it against the teacher and data, and builds the step specification.
+
+  `teacher` replaces loading `config.teacher` and `with_data=False` opens no dataset: the memory plan
+  builds the run from shapes alone (a teacher whose variables are ShapeDtypeStructs).
+  """
   method_lib.check_recipe_method(config)
   from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
   if t2i.is_pipeline_folder(config.teacher):
     return t2i.build_run(config)
   dtype = compute_dtype(config.dtype)
-  teacher = load_teacher(config.teacher, config.teacher_key, config.network.class_name,
-                         config.network.kwargs.to_dict(), config.seed, dtype)
+  if teacher is None:
+    teacher = load_teacher(config.teacher, config.teacher_key, config.network.class_name,
+                           config.network.kwargs.to_dict(), config.seed, dtype)
   kwargs = dict(teacher.init_kwargs)
   if config.dropout >= 0:
     kwargs["dropout"] = float(config.dropout)
@@ -154,7 +173,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
   trained = denoiser_for(module, teacher.class_name, kwargs, config.loss.use_logvar)
   nets = Networks(teacher=denoiser_for(teacher.module, teacher.class_name, teacher.init_kwargs),
                   critic=trained, generator=dataclasses.replace(trained, has_logvar=False))
-  method = make_method(config.method, config, nets, **method_weights(config, trained.label_dim))
+  weights = method_weights(config, trained.label_dim)
+  method = make_method(config.method, config, nets, **weights)
   generator_class, generator_kwargs = teacher.class_name, kwargs
   if method.generator_class:
     # The method's own preconditioning around the teacher's network and weights (GDD's GDDPrecond).
@@ -162,18 +182,32 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     generator_kwargs = rewrap(teacher.class_name, kwargs, generator_class)
     generator = build_network(generator_class, generator_kwargs, dtype)
     nets = dataclasses.replace(nets, generator=denoiser_for(generator, generator_class, generator_kwargs))
+  step_nets = nets
+  if config.remat not in step_lib.REMAT:
+    raise ValueError(f"config.remat={config.remat!r} is not one of {', '.join(step_lib.REMAT)}")
+  if config.remat == "blocks":
+    # Only the generator phase recomputes blocks: its loss is taken from the method built on networks
+    # whose U-Net blocks are rematerialised (same parameters); the critic phase keeps plain networks.
+    step_nets = Networks(*(dataclasses.replace(net, module=with_block_remat(net.module))
+                           for net in (nets.teacher, nets.critic, nets.generator)))
+    method = dataclasses.replace(
+        method, generator_loss=make_method(config.method, config, step_nets, **weights).generator_loss)
   res, channels = int(kwargs["img_resolution"]), int(kwargs["img_channels"])
   image_shape = (res, res, channels)
-  dataset = make_dataset(config.data.to_dict())
-  if method.uses_real_images and dataset is None:
+  dataset = make_dataset(config.data.to_dict()) if with_data else None
+  if method.uses_real_images and dataset is None and with_data:
     raise ValueError(f"config.method={config.method!r} needs real data: set config.data.source")
   if dataset is not None and dataset.has_images and tuple(dataset.image_shape) != image_shape:
     raise ValueError(f"config.data: images are {tuple(dataset.image_shape)} but the teacher works on {image_shape}")
   if dataset is not None and trained.label_dim and dataset.label_dim not in (0, trained.label_dim):
     raise ValueError(f"config.data: {dataset.label_dim} classes but the teacher has label_dim {trained.label_dim}")
   n_dev = jax.device_count()
-  if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices")
+  mesh = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_dev)
+  if config.grad_accum < 1:
+    raise ValueError(f"config.grad_accum={config.grad_accum}: expected a positive number of rounds")
+  if config.batch_size % (n_dev * config.grad_accum):
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices × "
+                     f"config.grad_accum={config.grad_accum} rounds")
   augment_fn = make_augment(config.augment_p, trained.augment_dim)
   o = config.optim
   transform = step_lib.identity
@@ -181,7 +215,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
     transform = edm2.force_normalize
   critic_lr, critic_beta2 = method_lib.lazy_adam_settings(method, o.critic_lr, o.beta2)
   spec = step_lib.StepSpec(
-      method=method, nets=nets, batch_size=config.batch_size, image_shape=image_shape,
+      method=method, nets=step_nets, batch_size=config.batch_size, image_shape=image_shape,
       init_sigma=method.init_sigma or config.init_sigma,
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
                                             clip_value=o.generator_grad_clip or None,
@@ -190,23 +224,38 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
                                          clip_value=method.critic_grad_clip,
                                          trainable_mask=method.critic_trainable_mask),
       ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
-      augment_fn=augment_fn, generator_train_transform=transform, critic_train_transform=transform)
+      augment_fn=augment_fn, generator_train_transform=transform, critic_train_transform=transform,
+      grad_accum=config.grad_accum, checkpoint_generator_objective=config.remat == "full")
+  # The teacher waits on the host until the loop places it on the mesh: a whole copy on the first device
+  # next to its shards would not fit where fsdp is needed.
+  teacher = dataclasses.replace(teacher, variables=jax.tree.map(
+      lambda x: jax.device_get(x) if isinstance(x, jax.Array) else x, teacher.variables))
   return Run(teacher=teacher, train_kwargs=kwargs, generator_class=generator_class,
              generator_kwargs=generator_kwargs, nets=nets, method=method, spec=spec, dataset=dataset,
              image_shape=image_shape, batch_size=config.batch_size, seed=config.seed,
              generator_init=config.generator_init, dtype=dtype,
-             sample_rng=config.sample.rng)
+             sample_rng=config.sample.rng, mesh=mesh, min_shard_size=config.mesh.min_shard_size)
 
 
-def initial_state(run: Run) -> state_lib.DistillState:
+def initial_state(run: Run, layout: Optional[sharding.Layout] = None) -> state_lib.DistillState:
   """Generator from the teacher (or `run.generator_init`: SiD²A), critic from the teacher (or the
-  method's own initialiser), EMA = generator."""
-  generator = run.teacher.variables
+  method's own initialiser), EMA = generator. With a layout the state is built in place, already split
+  over the mesh (no device ever holds more than its share of the optimiser states and EMA)."""
+  place = layout.place if layout is not None else (lambda tree: tree)
+  teacher = place(run.teacher.variables)
+  generator = teacher
   if run.generator_init:
-    generator = checkpoint.load_network(run.generator_init, dtype=run.dtype, like=run.teacher).variables
-  critic = run.teacher.variables
+    generator = place(jax.device_get(
+        checkpoint.load_network(run.generator_init, dtype=run.dtype, like=run.teacher).variables))
+  critic = teacher
   init_critic = getattr(run.method, "init_critic_variables", None)
   if init_critic is not None:
-    critic = init_critic(jax.random.key(run.seed + 1), run.teacher.variables, run.image_shape)
-  return state_lib.init_state(jax.random.key(run.seed), generator, critic,
-                              run.spec.generator_tx, run.spec.critic_tx)
+    critic = place(init_critic(jax.random.key(run.seed + 1), teacher, run.image_shape))
+
+  def init(generator, critic):
+    return state_lib.init_state(jax.random.key(run.seed), generator, critic,
+                                run.spec.generator_tx, run.spec.critic_tx)
+  if layout is None:
+    return init(generator, critic)
+  shapes = jax.eval_shape(init, generator, critic)
+  return jax.jit(init, out_shardings=layout.shardings(shapes))(generator, critic)

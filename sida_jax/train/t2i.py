@@ -30,6 +30,7 @@ from sida_jax.models.registry import Network
 from sida_jax.models.t2i import ddpm, sd_unet
 from sida_jax.text import prompts as prompts_lib
 from sida_jax.train import run as run_lib
+from sida_jax.train import sharding
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -82,8 +83,15 @@ def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
   method_lib.check_recipe_method(config)
   _check(config)
   n_dev = jax.device_count()
-  if config.batch_size % n_dev:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices")
+  mesh = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_dev)
+  if config.grad_accum < 1:
+    raise ValueError(f"config.grad_accum={config.grad_accum}: expected a positive number of rounds")
+  if config.batch_size % (n_dev * config.grad_accum):
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices × "
+                     f"config.grad_accum={config.grad_accum} rounds")
+  if config.remat not in ("none", "full"):
+    raise ValueError(f"config.remat={config.remat!r}: text-to-image runs support 'none' and 'full' "
+                     "(block remat covers the EDM/EDM2 U-Nets)")
   dtype = run_lib.compute_dtype(config.dtype)
   pipe = pretrained.load_pipeline(config.teacher, dtype, parts=('unet', 'scheduler'))
   if pipe.unet is None:
@@ -111,11 +119,14 @@ def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
       generator_tx=state_lib.make_optimizer(o.generator_lr, o.generator_beta1, o.beta2, o.eps,
                                             clip_value=o.generator_grad_clip or None),
       critic_tx=state_lib.make_optimizer(o.critic_lr, o.critic_beta1, o.beta2, o.eps),
-      ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None)
+      ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
+      grad_accum=config.grad_accum, checkpoint_generator_objective=config.remat == 'full')
   teacher = Network(unet.module, unet.variables, UNET_CLASS, dict(unet.config))
-  return run_lib.Run(teacher=teacher, train_kwargs=dict(unet.config), nets=nets, method=method, spec=spec,
+  return run_lib.Run(teacher=teacher, train_kwargs=dict(unet.config), generator_class=UNET_CLASS,
+                     generator_kwargs=dict(unet.config), nets=nets, method=method, spec=spec,
                      dataset=None, image_shape=image_shape, batch_size=config.batch_size, seed=config.seed,
-                     generator_init='', dtype=dtype, sample_rng=config.sample.rng, text=text)
+                     generator_init='', dtype=dtype, sample_rng=config.sample.rng, text=text, mesh=mesh,
+                     min_shard_size=config.mesh.min_shard_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from sida_jax.models.registry import build_network, denoiser_for
 from sida_jax.train import loop
 from sida_jax.train import preemption
 from sida_jax.train import run as run_lib
+from sida_jax.train import sharding
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 from sida_jax.train import tensorboard
@@ -107,7 +108,7 @@ def _train(config, workdir, stop_after_steps, stop) -> TeacherState:
   state = TeacherState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(config.seed + 1)),
                        params=params, buffers=buffers, ema=jax.tree.map(jnp.array, params),
                        opt_state=tx.init(params))
-  state = loop.place_state(state, mesh)
+  state = loop.place_state(state, sharding.Layout(mesh))
   is_main = jax.process_index() == 0
   if is_main:
     workdir_lib.record(workdir, config)

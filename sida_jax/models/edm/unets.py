@@ -38,6 +38,12 @@ def _drop_labels(module: nn.Module, labels: Array, rate: float, batch: int) -> A
   return labels * keep.astype(labels.dtype)
 
 
+def block_class(remat: bool):
+  """UNetBlock, or UNetBlock rematerialised: same parameters, activations recomputed in the backward pass
+  (`train` is static)."""
+  return nn.remat(UNetBlock, static_argnums=(3,)) if remat else UNetBlock
+
+
 class SongUNet(nn.Module):
   """DDPM++ / NCSN++ U-Net of Song et al. as re-implemented in EDM."""
   img_resolution: int
@@ -57,6 +63,7 @@ class SongUNet(nn.Module):
   encoder_type: str = 'standard'
   decoder_type: str = 'standard'
   resample_filter: Sequence[float] = (1, 1)
+  remat_blocks: bool = False     # recompute each UNetBlock in the backward pass (saves activations)
 
   @nn.compact
   def __call__(self, x: Array, noise_labels: Array, class_labels: Optional[Array],
@@ -77,7 +84,7 @@ class SongUNet(nn.Module):
     resample_filter = tuple(self.resample_filter)
 
     def block(cin, cout, name, **kwargs):
-      return UNetBlock(cin, cout, emb_channels, num_heads=1, dropout=self.dropout,
+      return block_class(self.remat_blocks)(cin, cout, emb_channels, num_heads=1, dropout=self.dropout,
                        skip_scale=math.sqrt(0.5), eps=1e-6, resample_filter=resample_filter,
                        resample_proj=True, adaptive_scale=False, init_default=init, init_zero=init_zero,
                        init_attn=init_attn, name=name, **kwargs)
@@ -178,6 +185,7 @@ class DhariwalUNet(nn.Module):
   attn_resolutions: Sequence[int] = (32, 16, 8)
   dropout: float = 0.10
   label_dropout: float = 0.0
+  remat_blocks: bool = False     # recompute each UNetBlock in the backward pass (saves activations)
 
   @nn.compact
   def __call__(self, x: Array, noise_labels: Array, class_labels: Optional[Array],
@@ -189,7 +197,7 @@ class DhariwalUNet(nn.Module):
     init_zero = WeightInit('kaiming_uniform', weight=0.0, bias=0.0)
 
     def block(cin, cout, name, **kwargs):
-      return UNetBlock(cin, cout, emb_channels, channels_per_head=64, dropout=self.dropout,
+      return block_class(self.remat_blocks)(cin, cout, emb_channels, channels_per_head=64, dropout=self.dropout,
                        init_default=init, init_zero=init_zero, name=name, **kwargs)
 
     # Mapping.

@@ -269,6 +269,7 @@ class _BlockOptions:
   res_balance: float = 0.3
   attn_balance: float = 0.3
   clip_act: Optional[float] = 256
+  remat: bool = False   # recompute the block in the backward pass (`train` static)
 
 
 class _Layer(NamedTuple):
@@ -312,9 +313,10 @@ def _unet_layers(img_resolution: int, img_channels: int, cblock: Sequence[int], 
 
 
 def _block(layer: _Layer, emb_channels: int, options: _BlockOptions) -> Block:
-  return Block(layer.in_channels, layer.out_channels, emb_channels, flavor=layer.flavor,
-               resample_mode=layer.resample_mode, attention=layer.attention, name=layer.name,
-               **dataclasses.asdict(options))
+  kwargs = dataclasses.asdict(options)
+  block = nn.remat(Block, static_argnums=(3,)) if kwargs.pop('remat') else Block
+  return block(layer.in_channels, layer.out_channels, emb_channels, flavor=layer.flavor,
+               resample_mode=layer.resample_mode, attention=layer.attention, name=layer.name, **kwargs)
 
 
 class _Encoder(nn.Module):
@@ -380,6 +382,7 @@ class UNet(nn.Module):
   res_balance: float = 0.3
   attn_balance: float = 0.3
   clip_act: Optional[float] = 256
+  remat_blocks: bool = False     # recompute each Block in the backward pass (saves activations)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -393,7 +396,7 @@ class UNet(nn.Module):
             else max(cblock))
     out_gain = self.param('out_gain', nn.initializers.zeros, (), jnp.float32)
     options = _BlockOptions(tuple(self.resample_filter), self.channels_per_head, self.dropout,
-                            self.res_balance, self.attn_balance, self.clip_act)
+                            self.res_balance, self.attn_balance, self.clip_act, self.remat_blocks)
     enc_layers, dec_layers = _unet_layers(self.img_resolution, self.img_channels, cblock,
                                           self.num_blocks, self.attn_resolutions)
 
@@ -454,6 +457,7 @@ class Precond(nn.Module):
   res_balance: float = 0.3
   attn_balance: float = 0.3
   clip_act: Optional[float] = 256
+  remat_blocks: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
