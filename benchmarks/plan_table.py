@@ -8,7 +8,7 @@ are computed once — the exact state share per device for fsdp = 1, 2, 4, 8 and
 bytes per sample and a batch-independent part — and every per-device micro-batch m (a divisor of the 256
 samples per device, SiDA's pool dividing the round) is sized from them. A cell gives the smallest fsdp with the
 largest micro-batch that fits at that fsdp, the accumulation rounds k = 256 / m, and the per-device total.
-Activations are the plan's estimate (not compiled): see docs/notes/scaling.md for its error.
+Activations are the plan's estimate (not compiled): see docs/scaling.md for its error.
 """
 from __future__ import annotations
 

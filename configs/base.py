@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 256           # global
   c.grad_accum = 1             # rounds per optimiser step, exact: the gradient of one batch of batch_size
-  # Devices (docs/notes/scaling.md): a 'data' × 'fsdp' mesh, -1 = the devices left over. The batch is split
+  # Devices (docs/scaling.md): a 'data' × 'fsdp' mesh, -1 = the devices left over. The batch is split
   # over every device; parameters, Adam moments, EMA and teacher along 'fsdp' (1: all replicated).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

@@ -99,11 +99,11 @@ def help_text(prog: str = "main.py") -> str:
   lines += ["", "flags:"]
   for flag in _main_flags():
     default = "" if flag.default in (None, "", False) else f" (default: {flag.default})"
-    lines.append(f"  --{flag.name:<8} {flag.help}{default}")
-  lines += ["  --config.KEY=VALUE  override one config key (python main.py --mode keys --config ... lists them)",
+    lines.append(f"  --{flag.name:<20} {flag.help}{default}")
+  lines += ["  --config.KEY=VALUE     override one config key (python main.py --mode keys --config ... lists them)",
             "",
             "A run resumes from WORKDIR/checkpoints when started again; SIGTERM or Ctrl-C saves the step in progress",
-            "and exits (run the same command to continue). See docs/notes/long_runs.md."]
+            "and exits (run the same command to continue). See docs/long_runs.md."]
   return "\n".join(lines) + "\n"
 
 

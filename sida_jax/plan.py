@@ -15,7 +15,7 @@ Step scratch (activations, gathered weights, gradients), one of:
             fsdp > 1 the gathered copies) — for the larger phase, plus the trained network's gradient share
             (and the accumulator with grad_accum > 1). Tracing at 2m as well splits them into bytes per
             sample and a batch-independent part (plan.json), to size other micro-batches.
-            It leaves out XLA's buffer reuse and the transient peak inside one layer; docs/notes/scaling.md
+            It leaves out XLA's buffer reuse and the transient peak inside one layer; docs/scaling.md
             compares it with compiled numbers.
 """
 from __future__ import annotations

@@ -151,6 +151,19 @@ def make_method(name: str, config: ml_collections.ConfigDict, nets: Networks, **
   return importlib.import_module(f"sida_jax.losses.{name}").make(config, nets, **weights)
 
 
+def mesh_shape(config: ml_collections.ConfigDict) -> tuple:
+  """(data, fsdp) of config.mesh on this machine's devices, after checking that the batch splits over them and
+  config.grad_accum rounds."""
+  n_dev = jax.device_count()
+  mesh = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_dev)
+  if config.grad_accum < 1:
+    raise ValueError(f"config.grad_accum={config.grad_accum}: expected a positive number of rounds")
+  if config.batch_size % (n_dev * config.grad_accum):
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices × "
+                     f"config.grad_accum={config.grad_accum} rounds")
+  return mesh
+
+
 def build_run(config: ml_collections.ConfigDict, teacher: Optional[Network] = None,
               with_data: bool = True) -> Run:
   """Reads the config, validates it against the teacher and data, and builds the step specification.
@@ -201,13 +214,7 @@ def build_run(config: ml_collections.ConfigDict, teacher: Optional[Network] = No
     raise ValueError(f"config.data: images are {tuple(dataset.image_shape)} but the teacher works on {image_shape}")
   if dataset is not None and trained.label_dim and dataset.label_dim not in (0, trained.label_dim):
     raise ValueError(f"config.data: {dataset.label_dim} classes but the teacher has label_dim {trained.label_dim}")
-  n_dev = jax.device_count()
-  mesh = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_dev)
-  if config.grad_accum < 1:
-    raise ValueError(f"config.grad_accum={config.grad_accum}: expected a positive number of rounds")
-  if config.batch_size % (n_dev * config.grad_accum):
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices × "
-                     f"config.grad_accum={config.grad_accum} rounds")
+  mesh = mesh_shape(config)
   augment_fn = make_augment(config.augment_p, trained.augment_dim)
   o = config.optim
   transform = step_lib.identity

@@ -30,7 +30,6 @@ from sida_jax.models.registry import Network
 from sida_jax.models.t2i import ddpm, sd_unet
 from sida_jax.text import prompts as prompts_lib
 from sida_jax.train import run as run_lib
-from sida_jax.train import sharding
 from sida_jax.train import state as state_lib
 from sida_jax.train import step as step_lib
 
@@ -82,13 +81,7 @@ def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
   """The Run of SiD-LSG on the pipeline folder `config.teacher` with prompts `config.data.prompts`."""
   method_lib.check_recipe_method(config)
   _check(config)
-  n_dev = jax.device_count()
-  mesh = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, n_dev)
-  if config.grad_accum < 1:
-    raise ValueError(f"config.grad_accum={config.grad_accum}: expected a positive number of rounds")
-  if config.batch_size % (n_dev * config.grad_accum):
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {n_dev} devices × "
-                     f"config.grad_accum={config.grad_accum} rounds")
+  mesh = run_lib.mesh_shape(config)
   if config.remat not in ("none", "full"):
     raise ValueError(f"config.remat={config.remat!r}: text-to-image runs support 'none' and 'full' "
                      "(block remat covers the EDM/EDM2 U-Nets)")
