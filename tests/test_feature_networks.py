@@ -114,11 +114,13 @@ def test_only_the_embedding_and_dills_set_are_allowed(tmp_path, payload, refused
 
 
 def test_embedding_stub_is_inert():
-  """The stand-in cannot be patched by a pickle's BUILD, and `_load_type('set')` is the builtin set."""
+  """The stand-in cannot be patched, and `_load_type('set')` followed by a call is a plain set, nothing else."""
   stub = torch_files.GLOBALS["torch.nn.modules.sparse.Embedding"]
   with pytest.raises(AttributeError, match="read-only"):
-    stub.forward = print
-  assert torch_files.GLOBALS["dill._dill._load_type"]("set") is set
+    stub.new = print
+  empty_list = pickle.EMPTY_LIST + pickle.MARK + op_str("a") + op_str("b") + pickle.APPENDS
+  body = op_call(op_call(op_global("dill._dill", "_load_type", 3), op_str("set")), empty_list)
+  assert torch_files.read_pickle(io.BytesIO(op_pickle(body, 3))) == {"a", "b"}
 
 
 def _state_dict(seed):

@@ -134,7 +134,7 @@ def test_any_discriminator_is_reduced_the_official_way():
   gamma = 0.3
   heads = TwoNetworkHeads()
   params = heads.init(jax.random.key(7), jnp.zeros((1, *SHAPE)))["params"]
-  discriminator = gdd.Discriminator(logits=lambda v, teacher, x, labels: (heads.apply(v, x), {}),
+  discriminator = gdd.Discriminator(logits=lambda v, teacher, x, labels, device_batch=0: (heads.apply(v, x), {}),
                                     init=lambda rng, teacher, shape: heads.init(rng, jnp.zeros((1, *shape))))
   den = toy.toy_denoiser((8,))
   sum_size = 4
@@ -552,8 +552,10 @@ def test_recipe_without_the_weights_stops_at_start_up_from_the_command_line(tmp_
                         "--workdir", str(tmp_path / "w"), f"--config.teacher={teacher}",
                         f"--config.gdd.backbones={empty}", "--config.eval_every_kimg=0"],   # no FID detector here
                        cwd=REPO, env=env, capture_output=True, text=True)
-  assert out.returncode != 0
-  last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith(f"FileNotFoundError: missing in {empty}: vgg16_bn-6c64b313.pth ("), last
+  assert out.returncode == 2
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1, out.stderr   # one line, no traceback
+  last = lines[0]
+  assert last.startswith(f"main.py: error: missing in {empty}: vgg16_bn-6c64b313.pth ("), last
   assert "tf_efficientnet_lite0-0aa007d2.pth (" in last and "in_embeddings" not in last
   assert not (tmp_path / "w" / "checkpoints").exists()
