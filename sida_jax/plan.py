@@ -46,6 +46,10 @@ EDM2_SNAPSHOT = re.compile(r"edm2-img\d+-(xs|s|m|l|xl|xxl)-\d+-[\d.]+\.pkl$")
 def abstract_teacher(config: ml_collections.ConfigDict) -> registry.Network:
   """The teacher's module with ShapeDtypeStruct variables, from its architecture alone where possible."""
   source, dtype = config.teacher, run_lib.compute_dtype(config.dtype)
+  if source and os.path.isfile(os.path.join(source, "model_index.json")):
+    # The text-to-image run reads its pipeline's weights (train/t2i.py); no shape-only path yet.
+    raise ValueError(f"--mode plan: {source} is a text-to-image pipeline folder, which the plan does not cover "
+                     "(docs/notes/t2i_sim.md gives PixArt's state bytes)")
   match = EDM2_SNAPSHOT.search(os.path.basename(source)) if source else None
   if not source:
     class_name, kwargs = config.network.class_name, config.network.kwargs.to_dict()

@@ -1,10 +1,15 @@
 """The frozen text side of a text-to-image run and its one-step sampler.
 
 A `TextConditioning` holds what turns prompts into the generator's conditions and latents into images: the
-tokenizer and text encoder of a Stable Diffusion pipeline, the empty prompt's embedding (the null condition
-of classifier-free guidance, computed once), the VAE, and the training prompts. Embeddings are computed on
-the fly, outside the training step, by a jitted call of the frozen encoder on token ids already split over
-the devices (the embeddings come out split the same way), so the step sees them as its `labels`.
+tokenizer and text encoder of a pipeline (Stable Diffusion: CLIP; PixArt: T5), the empty prompt's embedding
+(the null condition of classifier-free guidance, computed once), the VAE, and the training prompts. Embeddings
+are computed on the fly, outside the training step, by a jitted call of the frozen encoder on token ids already
+split over the devices (the embeddings come out split the same way), so the step sees them as its `labels`.
+
+The condition is the embedding array [N, L, D] for SD (its pipelines encode without an attention mask, the
+padded positions condition too), and for T5 encoders (`masked`) the pytree {'embedding', 'mask'}
+(`models/t2i/iddpm.text_condition`): PixArt's pipelines pass the tokenizer's attention mask to the encoder and
+to the transformer's cross-attention.
 
 Images: the generator's latents x0 are decoded as the official code does, vae.decode(x0 / scaling_factor),
 and quantised like every sida_jax sample (floor(clip(127.5x + 128, 0, 255))). Image i of a sampling run or
@@ -25,6 +30,7 @@ import PIL.Image
 
 from sida_jax import sampling
 from sida_jax.formats import pretrained
+from sida_jax.models.t2i import iddpm
 from sida_jax.text import prompts as prompts_lib
 
 Array = jax.Array
@@ -33,19 +39,29 @@ Array = jax.Array
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextConditioning:
   """Tokenizer, frozen text encoder, empty-prompt embedding, VAE and (training) prompts of a T2I run."""
-  tokenizer: Any                       # sida_jax.text.CLIPTokenizer
+  tokenizer: Any                       # sida_jax.text.CLIPTokenizer or T5Tokenizer
   text_encoder: pretrained.PretrainedNetwork
   vae: pretrained.PretrainedNetwork
   null_embedding: np.ndarray           # [1, L, D] float32: the text encoder's output for ""
   prompts: Optional[prompts_lib.PromptDataset] = None
+  masked: bool = False                 # T5 (PixArt): encoder and denoiser take the attention mask
 
   @property
   def embedding_shape(self) -> tuple:
     return tuple(self.null_embedding.shape[1:])
 
+  def tokens(self, prompts: Sequence[str]) -> dict:
+    """{'input_ids'} (and with `masked` {'attention_mask'}), int32 [n, L], padded to the tokenizer's length as
+    the pipelines tokenize (truncation, max_length: 77 for CLIP, 120 for PixArt's T5)."""
+    if self.masked:
+      tokens = self.tokenizer(list(prompts))
+      return {'input_ids': np.asarray(tokens['input_ids'], np.int32),
+              'attention_mask': np.asarray(tokens['attention_mask'], np.int32)}
+    return {'input_ids': np.asarray(self.tokenizer(list(prompts)).input_ids, np.int32)}
+
   def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
-    """int32 [n, L], padded to the tokenizer's length as SD pipelines tokenize (truncation, max_length)."""
-    return np.asarray(self.tokenizer(list(prompts)).input_ids, np.int32)
+    """int32 [n, L] token ids (see `tokens`)."""
+    return self.tokens(prompts)['input_ids']
 
   @functools.cached_property
   def _encode(self) -> Callable:
@@ -53,12 +69,16 @@ class TextConditioning:
     return jax.jit(lambda variables, ids: self.text_encoder.module.apply(variables, ids))
 
   @functools.cached_property
+  def _encode_masked(self) -> Callable:
+    return jax.jit(lambda variables, ids, mask: iddpm.text_condition(
+        self.text_encoder.module.apply(variables, ids, mask), mask))
+
+  @functools.cached_property
   def _replicated(self) -> dict:
     return {}
 
-  def embed(self, ids: Array) -> Array:
-    """Embeddings [n, L, D] float32 of token ids; ids split over a mesh give embeddings split the same way
-    (the encoder's weights are replicated on that mesh once)."""
+  def _variables_for(self, ids: Array) -> dict:
+    """The encoder's weights, replicated once on the mesh `ids` are split over (if any)."""
     variables = self.text_encoder.variables
     sharding = getattr(ids, 'sharding', None)
     if isinstance(sharding, jax.sharding.NamedSharding):
@@ -67,10 +87,24 @@ class TextConditioning:
         self._replicated[mesh] = jax.device_put(
             variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
       variables = self._replicated[mesh]
-    return self._encode(variables, ids)
+    return variables
 
-  def embed_prompts(self, prompts: Sequence[str]) -> Array:
-    return self.embed(jnp.asarray(self.token_ids(prompts)))
+  def embed(self, ids: Array) -> Array:
+    """Embeddings [n, L, D] float32 of token ids, without a mask (SD); ids split over a mesh give embeddings
+    split the same way (the encoder's weights are replicated on that mesh once)."""
+    return self._encode(self._variables_for(ids), ids)
+
+  def condition(self, tokens: dict) -> Any:
+    """The denoisers' condition from `tokens` (on the devices or host): SD's embeddings [n, L, D], or with
+    `masked` {'embedding': T5(ids, mask), 'mask': mask}; split over a mesh like the tokens."""
+    if not self.masked:
+      return self.embed(tokens['input_ids'])
+    ids = tokens['input_ids']
+    return self._encode_masked(self._variables_for(ids), ids, tokens['attention_mask'])
+
+  def embed_prompts(self, prompts: Sequence[str]) -> Any:
+    """The condition of `prompts` (see `condition`)."""
+    return self.condition({k: jnp.asarray(v) for k, v in self.tokens(prompts).items()})
 
   def host_batches(self, batch_size: int, seed: int, start_step: int, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict]:
@@ -80,14 +114,13 @@ class TextConditioning:
       raise ValueError('config.data.prompts: training a text-to-image generator needs prompts')
     step = start_step
     while True:
-      yield {phase: {'input_ids': self.token_ids(self.prompts.batch(2 * step + i, batch_size, seed,
-                                                                     process_index, process_count))}
+      yield {phase: self.tokens(self.prompts.batch(2 * step + i, batch_size, seed, process_index, process_count))
              for i, phase in enumerate(('critic', 'generator'))}
       step += 1
 
   def device_batch(self, batch: dict) -> dict:
-    """{'input_ids'} per phase (on the devices) -> {'labels': embeddings}, what the step conditions on."""
-    return {phase: {'labels': self.embed(part['input_ids'])} for phase, part in batch.items()}
+    """`tokens` per phase (on the devices) -> {'labels': condition}, what the step conditions on."""
+    return {phase: {'labels': self.condition(part)} for phase, part in batch.items()}
 
   @functools.cached_property
   def _decode(self) -> Callable:
@@ -101,25 +134,28 @@ class TextConditioning:
 
 
 def load_text_side(folder: str, dtype: Any = jnp.float32) -> TextConditioning:
-  """The TextConditioning (without prompts) of a Stable Diffusion pipeline folder: tokenizer, text encoder
-  (computing in `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts
-  it: SD's VAE overflows in half precision). The U-Net is not read."""
+  """The TextConditioning (without prompts) of a pipeline folder: tokenizer, text encoder (computing in
+  `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts it: SD's VAE
+  overflows in half precision). The denoiser is not read. A T5 tokenizer (PixArt) makes it `masked`."""
   index_path = os.path.join(folder, pretrained.MODEL_INDEX)
   if not os.path.isfile(index_path):
     raise FileNotFoundError(f'{folder}: not a pipeline folder (no {pretrained.MODEL_INDEX})')
+  from sida_jax.text.t5_tokenizer import T5Tokenizer  # pylint: disable=import-outside-toplevel
   pipe = pretrained.load_pipeline(folder, dtype, parts=('text_encoder', 'tokenizer'))
   vae = pretrained.load_pipeline(folder, jnp.float32, parts=('vae',)).vae
   text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=vae,
-                          null_embedding=np.zeros((0,), np.float32))
-  null = np.asarray(text.embed_prompts(['']), np.float32)
-  return dataclasses.replace(text, null_embedding=null)
+                          null_embedding=np.zeros((0,), np.float32),
+                          masked=isinstance(pipe.tokenizer, T5Tokenizer))
+  null = text.embed_prompts([''])
+  null = null[iddpm.EMBEDDING] if text.masked else null
+  return dataclasses.replace(text, null_embedding=np.asarray(null, np.float32))
 
 
 def generated_images(generate: Callable[[Array, Array], Array], text: TextConditioning, latent_shape: tuple,
                      seeds: Sequence[int], prompts: Sequence[str], batch_size: int,
                      rng: str = 'torch_cpu') -> Iterator[np.ndarray]:
   """uint8 [n, H, W, 3] batches: image i from seeds[i]'s noise and prompts[i mod len(prompts)], decoded by
-  the VAE; `generate(z, embeddings) -> latents` is the one-step generator."""
+  the VAE; `generate(z, condition) -> latents` is the one-step generator (condition: `embed_prompts`)."""
   if not prompts:
     raise ValueError('no prompts to generate images for')
   seeds = list(seeds)

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sida_jax import cli
 from sida_jax import plan as plan_lib
@@ -99,3 +100,10 @@ def test_block_remat_lowers_the_generator_phase_residuals():
     per_sample[remat] = scratch["phases"]["generator"]["residual_bytes_per_sample"]
   assert per_sample["blocks"] < 0.6 * per_sample["none"]
   assert per_sample["full"] == per_sample["none"]
+
+
+def test_text_to_image_pipeline_folders_are_refused_by_name():
+  config = smoke.get_config("toy")
+  config.teacher = str(pathlib.Path(__file__).resolve().parent / "data" / "t2i" / "tiny-pixart")
+  with pytest.raises(ValueError, match="is a text-to-image pipeline folder, which the plan does not cover"):
+    plan_lib.make_plan(config)

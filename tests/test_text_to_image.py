@@ -1,5 +1,6 @@
 """The text side of text-to-image runs: empty-prompt embedding, images from (seed, prompt) pairs whatever the batch,
 the official COCO resize, and FID plumbing with a stub detector."""
+import dataclasses
 import pathlib
 
 import jax.numpy as jnp
@@ -86,3 +87,41 @@ def test_fid_and_clip_hook_plumbing(text):
   expected = fid_lib.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), *reference)
   np.testing.assert_allclose(results['fid'], expected, rtol=1e-6)
   assert seen == ['a cat', 'a dog', 'a red car', 'a cat', 'a dog'] and results['clip_score'] == 0.25
+
+
+PIXART = pathlib.Path(__file__).resolve().parent / 'data' / 't2i' / 'tiny-pixart'
+T5_REFERENCE = pathlib.Path(__file__).resolve().parent / 'data' / 't2i_pixart'
+
+
+def test_t5_text_side_carries_attention_masks():
+  """PixArt's text side: T5 tokens with their mask (120 long), the encoder called with it (transformers' outputs
+  in tests/data/t2i_pixart), and the condition {'embedding', 'mask'} split over the devices like the tokens."""
+  import json  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  text = text_to_image.load_text_side(str(PIXART))
+  assert text.masked and text.embedding_shape == (120, 16)
+  ref = np.load(T5_REFERENCE / 'reference.npz')
+  prompts = json.loads((T5_REFERENCE / 'prompts.json').read_text())
+  tokens = text.tokens(prompts)
+  np.testing.assert_array_equal(tokens['input_ids'], ref['input_ids'])
+  np.testing.assert_array_equal(tokens['attention_mask'], ref['attention_mask'])
+  condition = text.embed_prompts(prompts)
+  np.testing.assert_array_equal(condition['mask'], ref['attention_mask'])
+  np.testing.assert_allclose(condition['embedding'], ref['t5_hidden'], rtol=1e-5, atol=1e-5)
+  # Without the mask the padded positions would change every embedding (so the mask is really used).
+  unmasked = text.embed(jnp.asarray(tokens['input_ids']))
+  assert np.abs(np.asarray(unmasked) - ref['t5_hidden']).max() > 1e-3
+  np.testing.assert_allclose(text.null_embedding, text.embed_prompts([''])['embedding'], rtol=1e-6, atol=1e-6)
+
+  text = dataclasses.replace(text, prompts=prompts_lib.PromptDataset('test', prompts))
+  batch = next(text.host_batches(8, seed=0, start_step=0))
+  assert set(batch['critic']) == {'input_ids', 'attention_mask'} and batch['critic']['input_ids'].shape == (8, 120)
+  device = text.device_batch(step_lib.shard_batch(batch, step_lib.make_mesh()))
+  labels = device['generator']['labels']
+  assert labels['embedding'].shape == (8, 120, 16) and labels['mask'].shape == (8, 120)
+  assert labels['embedding'].sharding.spec == jax.sharding.PartitionSpec('data')
+  host = text.condition({k: jnp.asarray(v) for k, v in batch['generator'].items()})
+  np.testing.assert_allclose(labels['embedding'], host['embedding'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels['mask'], batch['generator']['attention_mask'])

@@ -237,6 +237,17 @@ def _index_entry(index: Mapping[str, Any], part: str, index_path: str) -> str:
   return entry[1]
 
 
+def denoiser_part(folder: str) -> str:
+  """'unet' (Stable Diffusion) or 'transformer' (PixArt): the denoiser entry of a pipeline folder's index."""
+  index_path = os.path.join(folder, MODEL_INDEX)
+  index = _read_json(index_path)
+  present = [part for part in DENOISER_PARTS if index.get(part) is not None]
+  if len(present) != 1:
+    raise ValueError(f'{index_path}: no {DENOISER_PARTS[0]!r} entry [library, class]' if not present else
+                     f'{index_path}: both {" and ".join(map(repr, present))} entries (expected one denoiser)')
+  return present[0]
+
+
 def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
                   parts: Optional[Sequence[str]] = None) -> Pipeline:
   """A pipeline folder: `model_index.json` naming unet/ (Stable Diffusion) or transformer/ (PixArt),
@@ -246,11 +257,7 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] 
   """
   index_path = os.path.join(folder, MODEL_INDEX)
   index = _read_json(index_path)
-  present = [part for part in DENOISER_PARTS if index.get(part) is not None]
-  if len(present) != 1:
-    raise ValueError(f'{index_path}: no {DENOISER_PARTS[0]!r} entry [library, class]' if not present else
-                     f'{index_path}: both {" and ".join(map(repr, present))} entries (expected one denoiser)')
-  wanted = present + list(_PIPELINE_PARTS)
+  wanted = [denoiser_part(folder)] + list(_PIPELINE_PARTS)
   if parts is not None:
     unknown = sorted(set(parts) - set(wanted))
     if unknown:
