@@ -5,6 +5,10 @@ tokenizer and text encoder of a pipeline (Stable Diffusion: CLIP; PixArt: T5), t
 (the null condition of classifier-free guidance, computed once), the VAE, and the training prompts. Embeddings
 are computed on the fly, outside the training step, by a jitted call of the frozen encoder on token ids already
 split over the devices (the embeddings come out split the same way), so the step sees them as its `labels`.
+The encoder's weights follow the mesh rules of the parameters (`train/sharding.py`: split along 'fsdp' when
+fsdp > 1, replicated along 'data') and are stored in the run's compute dtype (T5-XXL: 17.7 GiB in float32,
+8.9 GiB in bfloat16); between calls they wait on the host. The VAE stays float32 (SD's overflows in half
+precision).
 
 The condition is the embedding array [N, L, D] for SD (its pipelines encode without an attention mask, the
 padded positions condition too), and for T5 encoders (`masked`) the pytree {'embedding', 'mask'}
@@ -32,6 +36,7 @@ from sida_jax import sampling
 from sida_jax.formats import pretrained
 from sida_jax.models.t2i import iddpm
 from sida_jax.text import prompts as prompts_lib
+from sida_jax.train import sharding as sharding_lib
 
 Array = jax.Array
 
@@ -45,6 +50,7 @@ class TextConditioning:
   null_embedding: np.ndarray           # [1, L, D] float32: the text encoder's output for ""
   prompts: Optional[prompts_lib.PromptDataset] = None
   masked: bool = False                 # T5 (PixArt): encoder and denoiser take the attention mask
+  min_shard_size: int = sharding_lib.MIN_SHARD_SIZE   # the mesh rules the encoder's weights are placed by
 
   @property
   def embedding_shape(self) -> tuple:
@@ -70,24 +76,37 @@ class TextConditioning:
 
   @functools.cached_property
   def _encode_masked(self) -> Callable:
-    return jax.jit(lambda variables, ids, mask: iddpm.text_condition(
-        self.text_encoder.module.apply(variables, ids, mask), mask))
+    return jax.jit(lambda variables, ids, mask: self._condition_of(
+        variables, {'input_ids': ids, 'attention_mask': mask}))
 
   @functools.cached_property
-  def _replicated(self) -> dict:
+  def _placed(self) -> dict:
     return {}
 
   def _variables_for(self, ids: Array) -> dict:
-    """The encoder's weights, replicated once on the mesh `ids` are split over (if any)."""
-    variables = self.text_encoder.variables
+    """The encoder's weights, placed once on the mesh `ids` are split over (by the parameters' rules: split
+    along 'fsdp', replicated along 'data'), or once on the default device for ids that are not."""
     sharding = getattr(ids, 'sharding', None)
-    if isinstance(sharding, jax.sharding.NamedSharding):
-      mesh = sharding.mesh
-      if mesh not in self._replicated:
-        self._replicated[mesh] = jax.device_put(
-            variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-      variables = self._replicated[mesh]
-    return variables
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    if mesh not in self._placed:
+      variables = self.text_encoder.variables
+      self._placed[mesh] = (jax.device_put(variables) if mesh is None else
+                            sharding_lib.Layout(mesh, self.min_shard_size).place(variables))
+    return self._placed[mesh]
+
+  def condition_shapes(self, batch_size: int) -> Any:
+    """ShapeDtypeStructs of the condition of `batch_size` prompts (what `condition` gives)."""
+    length = self.embedding_shape[0]
+    tokens = {'input_ids': jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
+    if self.masked:
+      tokens['attention_mask'] = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    return jax.eval_shape(self._condition_of, self.text_encoder.variables, tokens)
+
+  def _condition_of(self, variables: dict, tokens: dict) -> Any:
+    if not self.masked:
+      return self.text_encoder.module.apply(variables, tokens['input_ids'])
+    ids, mask = tokens['input_ids'], tokens['attention_mask']
+    return iddpm.text_condition(self.text_encoder.module.apply(variables, ids, mask), mask)
 
   def embed(self, ids: Array) -> Array:
     """Embeddings [n, L, D] float32 of token ids, without a mask (SD); ids split over a mesh give embeddings
@@ -133,22 +152,67 @@ class TextConditioning:
     return self._decode(self.vae.variables, latents)
 
 
-def load_text_side(folder: str, dtype: Any = jnp.float32) -> TextConditioning:
-  """The TextConditioning (without prompts) of a pipeline folder: tokenizer, text encoder (computing in
-  `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts it: SD's VAE
-  overflows in half precision). The denoiser is not read. A T5 tokenizer (PixArt) makes it `masked`."""
+def read_pipeline(folder: str, dtype: Any = jnp.float32, denoiser: bool = False,
+                  weights: bool = True) -> pretrained.Pipeline:
+  """What a text-to-image run reads of a pipeline folder: tokenizer and text encoder (computing in `dtype`),
+  the VAE (float32), and with `denoiser` the U-Net or transformer (in `dtype`) and the scheduler config.
+  `weights=False` reads the config files alone: the networks' variables are ShapeDtypeStructs."""
   index_path = os.path.join(folder, pretrained.MODEL_INDEX)
   if not os.path.isfile(index_path):
     raise FileNotFoundError(f'{folder}: not a pipeline folder (no {pretrained.MODEL_INDEX})')
+  parts = ('text_encoder', 'tokenizer')
+  if denoiser:
+    parts = (pretrained.denoiser_part(folder), 'scheduler') + parts
+  pipe = pretrained.load_pipeline(folder, dtype, parts=parts, weights=weights)
+  vae = pretrained.load_pipeline(folder, jnp.float32, parts=('vae',), weights=weights).vae
+  return dataclasses.replace(pipe, vae=vae)
+
+
+def stored(variables: Any, dtype: Any) -> Any:
+  """The frozen encoder's weights as kept between calls: on the host, floating leaves in `dtype` (bfloat16 runs
+  store bfloat16, which their compute casts to anyway); ShapeDtypeStructs stay shapes."""
+  def store(x):
+    dt = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dt)
+    return np.asarray(jax.device_get(x)).astype(dt)
+  return jax.tree.map(store, variables)
+
+
+def _is_abstract(tree: Any) -> bool:
+  return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def text_side(pipe: pretrained.Pipeline, dtype: Any = jnp.float32,
+              min_shard_size: int = sharding_lib.MIN_SHARD_SIZE) -> TextConditioning:
+  """The TextConditioning (without prompts) of a pipeline read by `read_pipeline`: the text encoder's weights
+  stored in `dtype`, the empty prompt's embedding (zeros of its shape when the weights are only shapes), the
+  VAE as read. A T5 tokenizer (PixArt) makes it `masked`."""
   from sida_jax.text.t5_tokenizer import T5Tokenizer  # pylint: disable=import-outside-toplevel
-  pipe = pretrained.load_pipeline(folder, dtype, parts=('text_encoder', 'tokenizer'))
-  vae = pretrained.load_pipeline(folder, jnp.float32, parts=('vae',)).vae
-  text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=vae,
+  encoder = dataclasses.replace(pipe.text_encoder, variables=stored(pipe.text_encoder.variables, dtype))
+  text = TextConditioning(tokenizer=pipe.tokenizer, text_encoder=encoder, vae=pipe.vae,
                           null_embedding=np.zeros((0,), np.float32),
-                          masked=isinstance(pipe.tokenizer, T5Tokenizer))
-  null = text.embed_prompts([''])
-  null = null[iddpm.EMBEDDING] if text.masked else null
+                          masked=isinstance(pipe.tokenizer, T5Tokenizer), min_shard_size=min_shard_size)
+  tokens = text.tokens([''])
+  if _is_abstract(encoder.variables):
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tokens.items()}
+    null = jax.eval_shape(text._condition_of, encoder.variables, shapes)  # pylint: disable=protected-access
+    null = np.zeros((null[iddpm.EMBEDDING] if text.masked else null).shape, np.float32)
+  else:
+    # Computed with the host weights, not kept on a device: the run places them on its mesh.
+    ids = tokens['input_ids']
+    # pylint: disable=protected-access
+    null = (text._encode_masked(encoder.variables, ids, tokens['attention_mask'])[iddpm.EMBEDDING] if text.masked
+            else text._encode(encoder.variables, ids))
   return dataclasses.replace(text, null_embedding=np.asarray(null, np.float32))
+
+
+def load_text_side(folder: str, dtype: Any = jnp.float32,
+                   min_shard_size: int = sharding_lib.MIN_SHARD_SIZE) -> TextConditioning:
+  """The TextConditioning (without prompts) of a pipeline folder: tokenizer, text encoder (computing in and
+  stored in `dtype`), the empty prompt's embedding and the VAE (always float32, as the official code upcasts it:
+  SD's VAE overflows in half precision). The denoiser is not read. A T5 tokenizer (PixArt) makes it `masked`."""
+  return text_side(read_pipeline(folder, dtype), dtype, min_shard_size)
 
 
 def generated_images(generate: Callable[[Array, Array], Array], text: TextConditioning, latent_shape: tuple,

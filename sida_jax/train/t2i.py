@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import ml_collections
@@ -113,9 +113,15 @@ def _build_module(class_name: str, init_kwargs: dict, dtype: Any):
   return pixart.from_config(init_kwargs, dtype)
 
 
-def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
+def build_run(config: ml_collections.ConfigDict, pipeline: Optional[pretrained.Pipeline] = None,
+              with_data: bool = True) -> run_lib.Run:
   """The Run of SiD-LSG (SD) or SIM (PixArt) on the pipeline folder `config.teacher` with prompts
-  `config.data.prompts`."""
+  `config.data.prompts`.
+
+  `pipeline` replaces reading the folder's weights (`text_to_image.read_pipeline(..., denoiser=True)`; the
+  memory plan passes one read with `weights=False`, whose variables are ShapeDtypeStructs) and
+  `with_data=False` reads no prompts.
+  """
   method_lib.check_recipe_method(config)
   part = pretrained.denoiser_part(config.teacher)
   _check(config, part)
@@ -124,10 +130,11 @@ def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
     raise ValueError(f"config.remat={config.remat!r}: text-to-image runs support 'none' and 'full' "
                      "(block remat covers the EDM/EDM2 U-Nets)")
   dtype = run_lib.compute_dtype(config.dtype)
-  pipe = pretrained.load_pipeline(config.teacher, dtype, parts=(part, 'scheduler'))
-  text = text_to_image.load_text_side(config.teacher, dtype)
-  teacher_net = pipe.denoiser
-  schedule = _schedule(part, pipe.scheduler)
+  if pipeline is None:
+    pipeline = text_to_image.read_pipeline(config.teacher, dtype, denoiser=True)
+  text = text_to_image.text_side(pipeline, dtype, config.mesh.min_shard_size)
+  teacher_net = pipeline.denoiser
+  schedule = _schedule(part, pipeline.scheduler)
   denoiser = text_denoiser(teacher_net.module, schedule)
   if text.embedding_shape[-1] != denoiser.label_dim:
     raise ValueError(f'{config.teacher}: the text encoder gives {text.embedding_shape[-1]}-wide embeddings, the '
@@ -135,7 +142,7 @@ def build_run(config: ml_collections.ConfigDict) -> run_lib.Run:
   nets = Networks(teacher=denoiser, critic=denoiser, generator=denoiser)
   method = _method(config, part, nets, schedule, text)
   prompts = None
-  if config.data.prompts:
+  if config.data.prompts and with_data:
     prompts = prompts_lib.read_prompts(config.data.prompts, config.data.prompt_feature,
                                        config.data.data_dir, config.data.split)
   text = dataclasses.replace(text, prompts=prompts)
