@@ -191,14 +191,17 @@ def compiled_scratch(run: run_lib.Run, state, layout: sharding.Layout) -> dict:
           "generated_code_bytes": int(memory.generated_code_size_in_bytes)}
 
 
-def make_plan(config: ml_collections.ConfigDict) -> dict:
-  """The memory plan of `config` on this machine's device count (fake devices are fine without compiling)."""
+def make_plan(config: ml_collections.ConfigDict, scratch: bool = True) -> dict:
+  """The memory plan of `config` on this machine's device count (fake devices are fine without compiling).
+  `scratch=False` sizes the held arrays only (the step scratch is then marked not estimated, 0 bytes)."""
   run = abstract_run(config)
   layout = run.layout()
   state = state_shapes(run)
   per_device, totals, replicated = state_bytes(state, run.teacher.variables, layout, run.text)
   micro_batch = run.batch_size // (layout.batch_shards * run.spec.grad_accum)
-  if config.plan.compile:
+  if not scratch:
+    scratch = {"source": "not estimated", "bytes": 0}
+  elif config.plan.compile:
     scratch = compiled_scratch(run, state, layout)
   else:
     scratch = estimated_scratch(residual_model(run, state, micro_batch), micro_batch,
