@@ -74,24 +74,29 @@ class TextConditioning:
     # SD pipelines call the text encoder without an attention mask (the padded positions condition too).
     return jax.jit(lambda variables, ids: self.text_encoder.module.apply(variables, ids))
 
-  @functools.cached_property
-  def _encode_masked(self) -> Callable:
-    return jax.jit(lambda variables, ids, mask: self._condition_of(
-        variables, {'input_ids': ids, 'attention_mask': mask}))
+  def _condition_of(self, variables: dict, tokens: dict) -> Any:
+    if not self.masked:
+      return self.text_encoder.module.apply(variables, tokens['input_ids'])
+    ids, mask = tokens['input_ids'], tokens['attention_mask']
+    return iddpm.text_condition(self.text_encoder.module.apply(variables, ids, mask), mask)
 
   @functools.cached_property
   def _placed(self) -> dict:
     return {}
 
-  def _variables_for(self, ids: Array) -> dict:
-    """The encoder's weights, placed once on the mesh `ids` are split over (by the parameters' rules: split
-    along 'fsdp', replicated along 'data'), or once on the default device for ids that are not."""
+  def _placed_for(self, ids: Array) -> tuple:
+    """(weights, jitted condition function) for token ids: on the mesh `ids` are split over, the weights
+    placed once by the parameters' rules (split along 'fsdp', replicated along 'data') and the conditions
+    split over the devices like the ids; for ids that are not, both on the default device."""
     sharding = getattr(ids, 'sharding', None)
     mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
     if mesh not in self._placed:
       variables = self.text_encoder.variables
-      self._placed[mesh] = (jax.device_put(variables) if mesh is None else
-                            sharding_lib.Layout(mesh, self.min_shard_size).place(variables))
+      if mesh is None:
+        self._placed[mesh] = (jax.device_put(variables), jax.jit(self._condition_of))
+      else:
+        layout = sharding_lib.Layout(mesh, self.min_shard_size)
+        self._placed[mesh] = (layout.place(variables), jax.jit(self._condition_of, out_shardings=layout.batch))
     return self._placed[mesh]
 
   def condition_shapes(self, batch_size: int) -> Any:
@@ -102,24 +107,16 @@ class TextConditioning:
       tokens['attention_mask'] = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
     return jax.eval_shape(self._condition_of, self.text_encoder.variables, tokens)
 
-  def _condition_of(self, variables: dict, tokens: dict) -> Any:
-    if not self.masked:
-      return self.text_encoder.module.apply(variables, tokens['input_ids'])
-    ids, mask = tokens['input_ids'], tokens['attention_mask']
-    return iddpm.text_condition(self.text_encoder.module.apply(variables, ids, mask), mask)
-
   def embed(self, ids: Array) -> Array:
-    """Embeddings [n, L, D] float32 of token ids, without a mask (SD); ids split over a mesh give embeddings
-    split the same way (the encoder's weights are replicated on that mesh once)."""
-    return self._encode(self._variables_for(ids), ids)
+    """Embeddings [n, L, D] float32 of token ids, without a mask (SD); on the device(s) of `ids` (the encoder's
+    weights are placed there once)."""
+    return self._encode(self._placed_for(ids)[0], ids)
 
   def condition(self, tokens: dict) -> Any:
     """The denoisers' condition from `tokens` (on the devices or host): SD's embeddings [n, L, D], or with
     `masked` {'embedding': T5(ids, mask), 'mask': mask}; split over a mesh like the tokens."""
-    if not self.masked:
-      return self.embed(tokens['input_ids'])
-    ids = tokens['input_ids']
-    return self._encode_masked(self._variables_for(ids), ids, tokens['attention_mask'])
+    variables, encode = self._placed_for(tokens['input_ids'])
+    return encode(variables, {k: tokens[k] for k in ('input_ids', 'attention_mask') if k in tokens})
 
   def embed_prompts(self, prompts: Sequence[str]) -> Any:
     """The condition of `prompts` (see `condition`)."""
@@ -200,10 +197,8 @@ def text_side(pipe: pretrained.Pipeline, dtype: Any = jnp.float32,
     null = np.zeros((null[iddpm.EMBEDDING] if text.masked else null).shape, np.float32)
   else:
     # Computed with the host weights, not kept on a device: the run places them on its mesh.
-    ids = tokens['input_ids']
-    # pylint: disable=protected-access
-    null = (text._encode_masked(encoder.variables, ids, tokens['attention_mask'])[iddpm.EMBEDDING] if text.masked
-            else text._encode(encoder.variables, ids))
+    null = jax.jit(text._condition_of)(encoder.variables, tokens)  # pylint: disable=protected-access
+    null = null[iddpm.EMBEDDING] if text.masked else null
   return dataclasses.replace(text, null_embedding=np.asarray(null, np.float32))
 
 

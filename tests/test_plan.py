@@ -155,7 +155,7 @@ def test_config_only_pipeline_folder_plans_the_real_run(tmp_path, folder, method
   # The encoder's share on one device, as the run really places it (split along 'fsdp' = 2).
   layout = run.layout()
   tokens = step_lib.shard_batch(run.text.tokens(["a cat"] * 8), layout.mesh)
-  placed = run.text._variables_for(tokens["input_ids"])  # pylint: disable=protected-access
+  placed, _ = run.text._placed_for(tokens["input_ids"])  # pylint: disable=protected-access
   first = layout.mesh.devices.reshape(-1)[0]
   on_first = sum(s.data.nbytes for x in jax.tree.leaves(placed) for s in x.addressable_shards if s.device == first)
   assert plan["bytes_per_device"]["text_encoder"] == on_first < nbytes(encoder)

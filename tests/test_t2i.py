@@ -59,7 +59,7 @@ def test_build_run_wires_the_pipeline_into_the_shared_step(tmp_path):
   mesh = step_lib.make_mesh()
   device = run.device_batch(step_lib.shard_batch(batch, mesh))
   emb = device['critic']['labels']
-  assert emb.shape == (BATCH, 77, 32) and emb.sharding.spec == jax.sharding.PartitionSpec('data')
+  assert emb.shape == (BATCH, 77, 32) and emb.sharding.is_equivalent_to(jax.NamedSharding(mesh, jax.sharding.PartitionSpec('data')), 3)
   np.testing.assert_allclose(emb, run.text.embed(jnp.asarray(batch['critic']['input_ids'])), rtol=1e-6, atol=1e-6)
 
 
