@@ -221,3 +221,47 @@ def sd_lsg_config(teacher: str, variant: str):
   c.eval.inception_score = False
   c.sample.batch_size = 16
   return c
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIM distilling PixArt-α 512 ([001] App. B.3, Table 5; ALGORITHMS.md §4.6, §8.4, §12.19). The teacher is the
+# diffusers pipeline folder of PixArt-XL-2-512x512 (--config.teacher=PATH); the paper's prompts are
+# SAM-LLaVA-Caption10M (--config.data.prompts=FILE, not shipped).
+#
+# Both phases: ln σ ~ N(−2, 2²) truncated to [0.01, 156.6155] (the PixArt schedule's EDM range), weights 1;
+# generator D(2.5 z; 2.5) (t* = 2.5); Adam (0, 0.999), lr 5e-6 for both networks; batch 1024 as the paper's
+# gradient accumulation 8 with gradient checkpointing (remat 'full'); bf16; ≈16k iterations (16,384 kimg).
+# Not given in [001]: the pseudo-Huber c (the dimension-scaled default, 0.069 on 64×64×4 latents), Adam ε, the
+# EMA (SiD's 0.5 Mimg half-life, ramp-up 0.05; the official inference code loads an `ema` state), CFG (none).
+PIXART_TEACHER = "PixArt-XL-2-512x512"
+PIXART_VARIANTS = ("bf16", "fp32")
+
+
+def pixart_sim_config(variant: str = "bf16"):
+  """SIM recipe `variant` ('bf16': the paper's; 'fp32': the same in float32) for PixArt-XL-2-512x512."""
+  if variant not in PIXART_VARIANTS:
+    raise ValueError(f"config variant {variant!r} is not one of {', '.join(PIXART_VARIANTS)} (use FILE.py:VARIANT)")
+  c = base.method_config("sim")
+  c.recipe = f"pixart_sim:{variant}"
+  c.recipe_variants = " ".join(f"{v}=sim" for v in PIXART_VARIANTS)
+  c.teacher = PIXART_TEACHER
+  c.data.resolution = 512                       # 64×64×4 latents
+  c.init_sigma = 2.5                            # t*
+  c.loss.p_mean, c.loss.p_std = -2.0, 2.0       # fake score network
+  c.loss.generator_p_mean, c.loss.generator_p_std = -2.0, 2.0
+  c.loss.sigma_min, c.loss.sigma_max = 0.01, 156.6155   # truncation of both σ draws
+  c.loss.critic_scale = 1.0
+  c.loss.generator_scale = 1.0
+  c.batch_size = 1024
+  c.grad_accum = 8
+  c.remat = "full"
+  c.total_kimg = 16_384.0                       # ≈16k iterations of 1024
+  c.optim.critic_lr = c.optim.generator_lr = 5e-6
+  c.optim.critic_beta1 = c.optim.generator_beta1 = 0.0
+  c.optim.beta2 = 0.999
+  c.dtype = "bfloat16" if variant == "bf16" else "float32"
+  c.log_every_kimg = 10.24                      # every 10 iterations
+  c.grid_every_kimg = 1024.0                    # every 1000 iterations
+  c.checkpoint_every_kimg = 1024.0
+  c.sample.batch_size = 16
+  return c

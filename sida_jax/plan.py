@@ -4,7 +4,9 @@ State (exact): the parameters of generator and critic, both Adam states, the EMA
 `jax.eval_shape` of the run's initial state and the sharding rules of `train/sharding.py` (the ones the step
 runs with): what one device holds (`state_bytes_per_device`) and the unsharded whole (`state_bytes_total`).
 Nothing is allocated and no weight file is read when the architecture is known without it (a converted
-folder's network.json, the published EDM2 teacher names, or `config.network`).
+folder's network.json, the published EDM2 teacher names, `config.network`, or a text-to-image pipeline folder,
+whose config.json files are enough). Text-to-image runs also hold the frozen text encoder (placed by the same
+rules, in the compute dtype) and the VAE (float32, whole on the device that decodes): both are counted.
 
 Step scratch (activations, gathered weights, gradients), one of:
   compiled  `config.plan.compile=True`: XLA's count for the compiled step on this machine's devices,
@@ -30,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sida_jax import checkpoint
+from sida_jax import checkpoint, text_to_image
 from sida_jax.models import convert, registry
 from sida_jax.models.edm2 import networks as edm2
 from sida_jax.train import run as run_lib
 from sida_jax.train import sharding
 from sida_jax.train import step as step_lib
+from sida_jax.train import t2i
 
 GIB = 1 << 30
 PLAN_JSON = "plan.json"
@@ -65,6 +68,15 @@ def abstract_teacher(config: ml_collections.ConfigDict) -> registry.Network:
   return registry.Network(module, variables, class_name, dict(kwargs))
 
 
+def abstract_run(config: ml_collections.ConfigDict) -> run_lib.Run:
+  """The run of `config` built from shapes alone (no weights read, no data opened)."""
+  if t2i.is_pipeline_folder(config.teacher):
+    pipeline = text_to_image.read_pipeline(config.teacher, run_lib.compute_dtype(config.dtype), denoiser=True,
+                                           weights=False)
+    return t2i.build_run(config, pipeline=pipeline, with_data=False)
+  return run_lib.build_run(config, teacher=abstract_teacher(config), with_data=False)
+
+
 def _with_teacher(run: run_lib.Run, variables: Any) -> run_lib.Run:
   return dataclasses.replace(run, teacher=dataclasses.replace(run.teacher, variables=variables))
 
@@ -80,7 +92,9 @@ def batch_shapes(run: run_lib.Run, batch_size: int) -> dict:
   phase = {}
   if run.method.uses_real_images:
     phase["images"] = jax.ShapeDtypeStruct((batch_size, *run.image_shape), jnp.float32)
-  if run.nets.generator.label_dim:
+  if run.text is not None:   # text-to-image: the text encoder's condition (after `Run.device_batch`)
+    phase["labels"] = run.text.condition_shapes(batch_size)
+  elif run.nets.generator.label_dim:
     phase["labels"] = jax.ShapeDtypeStruct((batch_size, run.nets.generator.label_dim), jnp.float32)
   return {"critic": phase, "generator": dict(phase)}
 
@@ -139,17 +153,23 @@ def estimated_scratch(model: dict, micro_batch: int, gradients: int) -> dict:
           "bytes": phases[largest]["bytes"] + gradients}
 
 
-def state_bytes(state, teacher_variables, layout: sharding.Layout) -> tuple:
+def state_bytes(state, teacher_variables, layout: sharding.Layout, text: Any = None) -> tuple:
   """(bytes per device, bytes in total, replicated bytes per device) of parameters (with buffers), optimizer
-  states, EMA and teacher."""
+  states, EMA and teacher, and with a text side (`text_to_image.TextConditioning`) its text encoder (placed by
+  the layout's rules) and VAE (whole, on the device that decodes)."""
   parts = {"teacher": teacher_variables,
            "parameters": (state.generator.params, state.generator.buffers, state.critic.params,
                           state.critic.buffers),
            "optimizer": (state.generator.opt_state, state.critic.opt_state),
            "ema": state.generator_ema}
+  if text is not None:
+    parts["text_encoder"] = text.text_encoder.variables
   per_device = {k: sharding.bytes_per_device(v, layout) for k, v in parts.items()}
   totals = {k: sharding.total_bytes(v) for k, v in parts.items()}
   replicated = sum(_nbytes(x) for x in jax.tree.leaves(parts) if layout.spec(x.shape) == jax.sharding.PartitionSpec())
+  if text is not None:
+    per_device["vae"] = totals["vae"] = _nbytes(text.vae.variables)
+    replicated += per_device["vae"]
   return per_device, totals, int(replicated)
 
 
@@ -171,14 +191,17 @@ def compiled_scratch(run: run_lib.Run, state, layout: sharding.Layout) -> dict:
           "generated_code_bytes": int(memory.generated_code_size_in_bytes)}
 
 
-def make_plan(config: ml_collections.ConfigDict) -> dict:
-  """The memory plan of `config` on this machine's device count (fake devices are fine without compiling)."""
-  run = run_lib.build_run(config, teacher=abstract_teacher(config), with_data=False)
+def make_plan(config: ml_collections.ConfigDict, scratch: bool = True) -> dict:
+  """The memory plan of `config` on this machine's device count (fake devices are fine without compiling).
+  `scratch=False` sizes the held arrays only (the step scratch is then marked not estimated, 0 bytes)."""
+  run = abstract_run(config)
   layout = run.layout()
   state = state_shapes(run)
-  per_device, totals, replicated = state_bytes(state, run.teacher.variables, layout)
+  per_device, totals, replicated = state_bytes(state, run.teacher.variables, layout, run.text)
   micro_batch = run.batch_size // (layout.batch_shards * run.spec.grad_accum)
-  if config.plan.compile:
+  if not scratch:
+    scratch = {"source": "not estimated", "bytes": 0}
+  elif config.plan.compile:
     scratch = compiled_scratch(run, state, layout)
   else:
     scratch = estimated_scratch(residual_model(run, state, micro_batch), micro_batch,
@@ -186,11 +209,15 @@ def make_plan(config: ml_collections.ConfigDict) -> dict:
   held = sum(per_device.values())
   total = held + scratch["bytes"]
   data, fsdp = layout.mesh.shape[sharding.DATA], layout.mesh.shape[sharding.FSDP]
+  counts = {"teacher": convert.count_params(run.teacher.variables),
+            "generator": convert.count_params({"params": state.generator.params}),
+            "critic": convert.count_params({"params": state.critic.params})}
+  if run.text is not None:
+    counts.update(text_encoder=convert.count_params(run.text.text_encoder.variables),
+                  vae=convert.count_params(run.text.vae.variables))
   return {
       "recipe": config.get("recipe", ""), "method": config.method, "teacher_class": run.class_name,
-      "parameter_count": {"teacher": convert.count_params(run.teacher.variables),
-                          "generator": convert.count_params({"params": state.generator.params}),
-                          "critic": convert.count_params({"params": state.critic.params})},
+      "parameter_count": counts,
       "devices": int(layout.mesh.devices.size), "mesh": {"data": int(data), "fsdp": int(fsdp)},
       "min_shard_size": layout.min_shard_size, "dtype": config.dtype, "remat": config.remat,
       "batch_size": run.batch_size, "grad_accum": run.spec.grad_accum,
@@ -215,8 +242,9 @@ def table(plan: dict) -> str:
   """The plan as a small text table (per device and in total)."""
   rows = [f"{'':22s}{'per device':>12s}{'total':>12s}"]
   row = lambda name, device, total="": rows.append(f"{name:22s}{device:>12s}{total:>12s}")
-  for name in ("parameters", "optimizer", "ema", "teacher"):
-    row(name, human(plan["bytes_per_device"][name]), human(plan["bytes_total"][name]))
+  for name in ("parameters", "optimizer", "ema", "teacher", "text_encoder", "vae"):
+    if name in plan["bytes_per_device"]:
+      row(name.replace("_", " "), human(plan["bytes_per_device"][name]), human(plan["bytes_total"][name]))
   row("state", human(plan["state_bytes_per_device"]), human(plan["state_bytes_total"]))
   row("  of which replicated", human(plan["replicated_bytes_per_device"]))
   row("step scratch", human(plan["scratch_bytes_per_device"]))

@@ -136,7 +136,7 @@ def test_published_values(file, variant):
     ("cifar10_uncond.py", "gan", "not one of"), ("edm2.py", "xxxl,sid", "SIZE,VARIANT"),
     ("edm2.py", "s,sim", "SIZE,VARIANT"), ("ffhq64.py", "sim", "not one of"),
     ("cifar10_uncond.py", "lsg", "not one of"), ("sd15_lsg.py", "k5", "not one of"),
-    ("sd21_lsg.py", "k2_fp16", "not one of"),
+    ("sd21_lsg.py", "k2_fp16", "not one of"), ("pixart_sim.py", "fp16", "not one of"),
 ])
 def test_bad_variants_are_rejected(path, arg, message):
   with pytest.raises(ValueError, match=message):
@@ -320,7 +320,35 @@ def test_sd_lsg_recipe_carries_the_published_values(file, variant):
     assert matches, f"{file}:{variant} {key} = {config[key]!r}, published {value!r}"
 
 
-@pytest.mark.parametrize("file", list(EDM_VARIANTS) + ["edm2.py"] + list(SD_FILES))
+# SIM distilling PixArt-α 512, A §4.6, §8.4 ([001] App. B.3, Table 5): log-normal(−2, 2) σ in both phases truncated
+# to [0.01, 156.6155], weights 1, t* = 2.5, Adam (0, 0.999) lr 5e-6 both, batch 1024 = gradient accumulation 8
+# with gradient checkpointing, bf16, ≈16k iterations.
+PIXART_CASES = [("pixart_sim.py", "bf16"), ("pixart_sim.py", "fp32")]
+
+
+def test_every_pixart_recipe_variant_is_in_the_published_table():
+  found = {case.values for case in CASES if case.values[0].name == "pixart_sim.py"}
+  assert {(REPO / "configs" / f, v) for f, v in PIXART_CASES} == found
+
+
+@pytest.mark.parametrize("file,variant", PIXART_CASES)
+def test_pixart_sim_recipe_carries_the_published_values(file, variant):
+  expected = {
+      "method": "sim", "teacher": "PixArt-XL-2-512x512", "recipe": f"pixart_sim:{variant}", "data.resolution": 512,
+      "init_sigma": 2.5, "loss.p_mean": -2.0, "loss.p_std": 2.0, "loss.generator_p_mean": -2.0,
+      "loss.generator_p_std": 2.0, "loss.sigma_min": 0.01, "loss.sigma_max": 156.6155, "loss.critic_scale": 1.0,
+      "loss.generator_scale": 1.0, "batch_size": 1024, "grad_accum": 8, "remat": "full",
+      "optim.critic_lr": 5e-6, "optim.generator_lr": 5e-6, "optim.critic_beta1": 0.0,
+      "optim.generator_beta1": 0.0, "optim.beta2": 0.999, "total_kimg": 16_384.0,
+      "dtype": "bfloat16" if variant == "bf16" else "float32"}
+  config = _flat(_load(REPO / "configs" / file, variant))
+  for key, value in expected.items():
+    matches = config[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+    assert matches, f"{file}:{variant} {key} = {config[key]!r}, published {value!r}"
+  assert _load(REPO / "configs" / file).dtype == "bfloat16"     # the paper's variant is the default
+
+
+@pytest.mark.parametrize("file", list(EDM_VARIANTS) + ["edm2.py"] + list(SD_FILES) + ["pixart_sim.py"])
 def test_another_methods_override_is_refused_naming_the_right_variant(file):
   methods = _methods_of(file)
   for variant, own in methods.items():

@@ -2,12 +2,15 @@
 leaves, totals equal to the network's eval_shape), the plan's per-device bytes = what the placed state really
 holds, the compiled scratch and the fit verdict, and block remat lowering the traced residuals."""
 import json
+import os
 import pathlib
+import shutil
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sida_jax import cli
 from sida_jax import plan as plan_lib
@@ -17,6 +20,7 @@ from sida_jax.train import run as run_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import edm2 as edm2_configs  # noqa: E402
+from configs import base  # noqa: E402
 from configs import smoke  # noqa: E402
 
 
@@ -99,3 +103,98 @@ def test_block_remat_lowers_the_generator_phase_residuals():
     per_sample[remat] = scratch["phases"]["generator"]["residual_bytes_per_sample"]
   assert per_sample["blocks"] < 0.6 * per_sample["none"]
   assert per_sample["full"] == per_sample["none"]
+
+
+T2I = pathlib.Path(__file__).resolve().parent / "data" / "t2i"
+
+
+def _config_only(source: pathlib.Path, target: pathlib.Path, tokenizer: pathlib.Path = None) -> str:
+  """A copy of a pipeline folder's config and tokenizer files, without its weights."""
+  for root, _, files in os.walk(source, followlinks=True):
+    for name in files:
+      if name.endswith((".json", ".txt", ".model")) and not name.endswith(".index.json"):
+        path = target / pathlib.Path(root).relative_to(source) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pathlib.Path(root) / name, path)
+  if tokenizer is not None:
+    shutil.copytree(tokenizer, target / "tokenizer")
+  assert not [p for p in target.rglob("*") if p.suffix in (".safetensors", ".bin")]
+  return str(target)
+
+
+@pytest.mark.parametrize("folder,method,dtype", [("tiny-lsg", "lsg", "float32"), ("tiny-pixart", "sim", "bfloat16")])
+def test_config_only_pipeline_folder_plans_the_real_run(tmp_path, folder, method, dtype):
+  """A pipeline folder without weights plans what the run built from the real folder holds: the eval_shape of
+  its initial state, its text encoder as stored (bf16 runs: bfloat16) and placed on the mesh, its VAE, its
+  condition shapes, and the same scratch estimate."""
+  pytest.importorskip("tokenizers", reason="the pipeline tokenizer needs the tokenizers package")
+  from sida_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  config = base.method_config(method)
+  config.batch_size, config.dtype = 8, dtype
+  config.mesh.fsdp, config.mesh.min_shard_size = 2, 0
+  config.teacher = _config_only(T2I / folder, tmp_path / folder)
+  plan = plan_lib.make_plan(config)
+
+  config.teacher = str(T2I / folder)
+  run = run_lib.build_run(config, with_data=False)   # reads the weights
+  state = jax.eval_shape(lambda: run_lib.initial_state(run))
+  nbytes = lambda tree: sum(_bytes(x) for x in jax.tree.leaves(tree))
+  encoder, vae = run.text.text_encoder.variables, run.text.vae.variables
+  assert {x.dtype for x in jax.tree.leaves(encoder)} == {np.dtype(dtype)}
+  assert {x.dtype for x in jax.tree.leaves(vae)} == {np.dtype("float32")}
+  assert plan["bytes_total"] == {
+      "teacher": nbytes(run.teacher.variables),
+      "parameters": nbytes((state.generator.params, state.generator.buffers, state.critic.params,
+                            state.critic.buffers)),
+      "optimizer": nbytes((state.generator.opt_state, state.critic.opt_state)), "ema": nbytes(state.generator_ema),
+      "text_encoder": nbytes(encoder), "vae": nbytes(vae)}
+  assert plan["parameter_count"] == {"teacher": convert.count_params(run.teacher.variables),
+                                     "generator": convert.count_params(run.teacher.variables),
+                                     "critic": convert.count_params(run.teacher.variables),
+                                     "text_encoder": convert.count_params(encoder), "vae": convert.count_params(vae)}
+  # The encoder's share on one device, as the run really places it (split along 'fsdp' = 2).
+  layout = run.layout()
+  tokens = step_lib.shard_batch(run.text.tokens(["a cat"] * 8), layout.mesh)
+  placed, _ = run.text._placed_for(tokens["input_ids"])  # pylint: disable=protected-access
+  first = layout.mesh.devices.reshape(-1)[0]
+  on_first = sum(s.data.nbytes for x in jax.tree.leaves(placed) for s in x.addressable_shards if s.device == first)
+  assert plan["bytes_per_device"]["text_encoder"] == on_first < nbytes(encoder)
+  assert plan["bytes_per_device"]["vae"] == nbytes(vae)
+  # The batch the step sees: the real condition's shapes and dtypes.
+  condition = run.text.condition(tokens)
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), plan_lib.batch_shapes(run, 8)["critic"]["labels"]) ==
+          jax.tree.map(lambda x: (x.shape, x.dtype), condition))
+  micro = plan["per_device_micro_batch"]
+  phases = plan_lib.residual_model(run, plan_lib.state_shapes(run), micro)
+  assert {k: {n: v[n] for n in phases[k]} for k, v in plan["scratch"]["phases"].items()} == phases
+  assert plan["scratch_bytes_per_device"] > 0
+
+
+@pytest.mark.parametrize("name,recipe,tokenizer,counts", [
+    ("sd15", "sd15_lsg:k1.5", "t2i/tiny-sd/tokenizer",
+     dict(teacher=859_520_964, text_encoder=123_060_480, vae=83_653_863)),
+    ("sd21_base", "sd21_lsg:k1.5_bf16", "t2i/tokenizer-sd2",
+     dict(teacher=865_910_724, text_encoder=340_387_840, vae=83_653_863)),
+    ("pixart_xl_2_512", "pixart_sim:bf16", "t2i_pixart/tokenizer",
+     dict(teacher=610_856_096, text_encoder=4_762_310_656, vae=83_653_863))])
+def test_published_pipeline_configs_plan_the_published_sizes(tmp_path, name, recipe, tokenizer, counts):
+  """The published config.json files (tests/data/t2i/published; counts by diffusers / transformers in
+  make_published.py --count) with a stand-in tokenizer (only its length matters): parameter counts, the text
+  encoder stored in the recipe's dtype and split along 'fsdp' = 8, the VAE in float32."""
+  pytest.importorskip("tokenizers", reason="the pipeline tokenizer needs the tokenizers package")
+  from configs import published  # pylint: disable=import-outside-toplevel
+  family, variant = recipe.split(":")
+  config = (published.pixart_sim_config(variant) if family == "pixart_sim" else
+            published.sd_lsg_config(family.split("_")[0], variant))
+  config.teacher = _config_only(T2I / "published" / name, tmp_path / name, T2I.parent / tokenizer)
+  config.mesh.fsdp = 8
+  plan = plan_lib.make_plan(config, scratch=False)
+  assert plan["parameter_count"] == dict(counts, generator=counts["teacher"], critic=counts["teacher"])
+  width = 2 if config.dtype == "bfloat16" else 4
+  assert plan["bytes_total"]["text_encoder"] == width * counts["text_encoder"]
+  assert plan["bytes_total"]["vae"] == plan["bytes_per_device"]["vae"] == 4 * counts["vae"]
+  assert plan["bytes_total"]["teacher"] == 4 * counts["teacher"]     # trained networks stay float32
+  # Split in 8 but for the leaves too small or without an axis divisible by 8 (under 1 % of the encoder).
+  assert plan["bytes_total"]["text_encoder"] / 8 < plan["bytes_per_device"]["text_encoder"]
+  assert plan["bytes_per_device"]["text_encoder"] < 1.01 * plan["bytes_total"]["text_encoder"] / 8
+  assert plan["scratch"]["source"] == "not estimated"

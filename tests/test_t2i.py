@@ -1,6 +1,7 @@
 """Text-to-image SiD-LSG end to end on a tiny SD pipeline folder (tests/data/t2i/tiny-lsg): the run assembly,
 training through the shared step and loop, checkpoints and exact resume, PNG samples through the VAE, and
 guidance acting on the generator's update."""
+import functools
 import json
 import pathlib
 
@@ -58,7 +59,7 @@ def test_build_run_wires_the_pipeline_into_the_shared_step(tmp_path):
   mesh = step_lib.make_mesh()
   device = run.device_batch(step_lib.shard_batch(batch, mesh))
   emb = device['critic']['labels']
-  assert emb.shape == (BATCH, 77, 32) and emb.sharding.spec == jax.sharding.PartitionSpec('data')
+  assert emb.shape == (BATCH, 77, 32) and emb.sharding.is_equivalent_to(jax.NamedSharding(mesh, jax.sharding.PartitionSpec('data')), 3)
   np.testing.assert_allclose(emb, run.text.embed(jnp.asarray(batch['critic']['input_ids'])), rtol=1e-6, atol=1e-6)
 
 
@@ -167,3 +168,127 @@ def _fake_workdir(tmp_path):
   workdir.mkdir()
   (workdir / 'network.json').write_text(json.dumps({'class_name': 'EDMPrecond', 'init_kwargs': {}}))
   return workdir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SIM on a tiny PixArt-α-like pipeline folder (tests/data/t2i/tiny-pixart, made by make_pixart_pipeline.py):
+# the configs/pixart_sim.py recipe with a small batch.
+PIXART = pathlib.Path(__file__).resolve().parent / 'data' / 't2i' / 'tiny-pixart'
+
+
+def _pixart_config(tmp_path, batch=16, grad_accum=2):
+  import importlib  # pylint: disable=import-outside-toplevel
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('\n'.join(PROMPTS) + '\n')
+  c = importlib.import_module('configs.pixart_sim').get_config('fp32')
+  c.teacher = str(PIXART)
+  c.data.prompts = str(prompts)
+  c.data.resolution = 0                       # the transformer's sample_size (8 → 16² images)
+  c.batch_size, c.grad_accum = batch, grad_accum
+  c.optim.critic_lr = c.optim.generator_lr = 1e-3
+  c.ema.halflife_mimg = 0.0001
+  c.total_kimg = 3 * batch / 1000
+  c.log_every_kimg = c.checkpoint_every_kimg = batch / 1000
+  c.grid_every_kimg = 0.0
+  return c
+
+
+def test_pixart_pipeline_builds_the_sim_run(tmp_path):
+  run = run_lib.build_run(_pixart_config(tmp_path))
+  assert run.class_name == 'PixArtTransformer2DModel' and run.text.masked
+  assert run.image_shape == (8, 8, 4) and run.spec.init_sigma == 2.5 and run.spec.grad_accum == 2
+  assert run.nets.generator.label_dim == 16 and run.text.embedding_shape == (120, 16)
+  assert run.spec.checkpoint_generator_objective   # the recipe's gradient checkpointing (remat 'full')
+  # Both phases' σ: the recipe's truncated log-normal (ln σ ~ N(−2, 2²) on [0.01, 156.6155]).
+  for draw in (run.method.critic_draws, run.method.generator_draws):
+    r = np.asarray(draw(jax.random.key(0), 4096, (1,))['sigma_normal'])
+    sigma = np.exp(-2.0 + 2.0 * r)
+    assert sigma.min() >= 0.01 * (1 - 1e-5) and sigma.max() <= 156.6155 * (1 + 1e-5)
+    assert abs(np.median(np.log(sigma)) + 2.0) < 0.3
+  batch = next(loop.Batches(run).iterate(0))
+  assert set(batch['critic']) == {'input_ids', 'attention_mask'} and batch['critic']['input_ids'].shape == (16, 120)
+  # Refusals: each pipeline has its method.
+  config = _pixart_config(tmp_path)
+  config.recipe, config.method = '', 'lsg'
+  with pytest.raises(ValueError, match="a PixArt teacher is distilled with 'sim'"):
+    run_lib.build_run(config)
+  config = _config(tmp_path)
+  config.method = 'sim'
+  with pytest.raises(ValueError, match="a Stable Diffusion teacher is distilled with 'lsg'"):
+    run_lib.build_run(config)
+
+
+def test_pixart_gradient_accumulation_equals_the_full_batch(tmp_path):
+  """Both phases' losses and gradients over k = 4 rounds equal one batch of 8 to fp32 precision
+  (dataclasses.replace(spec, grad_accum=k)), with a critic away from the teacher (else the generator's y = 0).
+  Without the recipe's remat, which only changes what the backward pass recomputes (and the compile time)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  run = run_lib.build_run(_pixart_config(tmp_path, batch=8, grad_accum=1))
+  spec = dataclasses.replace(run.spec, checkpoint_generator_objective=False)
+  teacher = run.teacher.variables
+  tokens = next(loop.Batches(run).iterate(0))
+  batch = {p: {'labels': run.text.condition({k: jnp.asarray(v) for k, v in part.items()})}
+           for p, part in tokens.items()}
+  state = run_lib.initial_state(run)
+  leaves, treedef = jax.tree.flatten(state.critic.params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  moved = [x + 0.05 * jnp.std(x) * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  state = state.replace(critic=state.critic.replace(params=jax.tree.unflatten(treedef, moved)))
+  draws = step_lib.sample_draws(spec, jax.random.key(7))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def phases(rounds, state, teacher, batch, draws):
+    s = dataclasses.replace(spec, grad_accum=rounds)
+    key = jax.random.key(8)
+    critic, c_loss, _, c_grads = step_lib.critic_phase(s, state, teacher, batch['critic'], draws['critic'], key)
+    _, g_loss, _, g_grads = step_lib.generator_phase(s, state, critic, teacher, batch['generator'],
+                                                     draws['generator'], key)
+    return jnp.stack([c_loss, g_loss]), c_grads, g_grads
+
+  losses, c_ref, g_ref = phases(1, state, teacher, batch, draws)
+  assert np.all(np.isfinite(losses))
+  for rounds in (4,):
+    other_losses, c_grads, g_grads = phases(rounds, state, teacher, batch, draws)
+    np.testing.assert_allclose(other_losses, losses, rtol=1e-5, atol=1e-7)
+    for ref, got in ((c_ref, c_grads), (g_ref, g_grads)):
+      scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(ref))
+      worst = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)))
+      assert scale > 1e-4 and worst < 1e-5 * scale, (rounds, worst, scale)
+
+
+@pytest.mark.slow
+def test_pixart_sim_trains_resumes_exactly_and_samples(tmp_path):
+  config = _pixart_config(tmp_path)
+  resumed, straight = tmp_path / 'resumed', tmp_path / 'straight'
+  assert int(loop.train_and_evaluate(config, str(resumed), stop_after_steps=2).step) == 2
+  state = loop.train_and_evaluate(config, str(resumed))   # from the step-2 checkpoint
+  reference = loop.train_and_evaluate(config, str(straight))
+  assert int(state.step) == int(reference.step) == 3
+  assert int(state.nonfinite['critic']) == 0 and int(state.nonfinite['generator']) == 0
+  for a, b in zip(_leaves(state), _leaves(reference)):
+    np.testing.assert_array_equal(a, b)                  # the resumed run is the uninterrupted one
+  run = run_lib.build_run(config)
+  moved = [np.max(np.abs(a - b)) for a, b in zip(_leaves(state.generator.params),
+                                                  _leaves(run.teacher.variables['params']))]
+  assert max(moved) > 1e-4
+  recorded = json.loads((resumed / 'network.json').read_text())
+  assert recorded['class_name'] == 'PixArtTransformer2DModel' and recorded['init_sigma'] == 2.5
+
+  # --mode sample: PNGs through the VAE; image i = VAE(D(2.5 z_i; 2.5, c(prompt i mod 2))) with the EMA weights.
+  prompts = tmp_path / 'sample.txt'
+  prompts.write_text('a cat\na dog\n')
+  with config.unlocked():
+    config.sample.prompts = str(prompts)
+    config.sample.seeds = '0-2'
+    config.sample.batch_size = 2
+  cli.run('sample', config, str(resumed))
+  samples = dict(np.load(resumed / 'samples' / 'samples.npz'))
+  assert samples['images'].shape == (3, 16, 16, 3) and list(samples['prompts']) == ['a cat', 'a dog', 'a cat']
+  png = np.asarray(PIL.Image.open(resumed / 'samples' / '000001.png'))
+  np.testing.assert_array_equal(png, samples['images'][1])
+  from sida_jax import sampling  # pylint: disable=import-outside-toplevel
+  z, _ = sampling.seed_noise([1], run.image_shape, 0, config.sample.rng)
+  ema = {'params': jax.device_get(state.generator_ema)}
+  latents = sampling.generate(run.nets.generator, ema, jnp.asarray(z), run.text.embed_prompts(['a dog']), 2.5)
+  direct = sampling.to_uint8(run.text.decode(latents))[0]
+  assert np.mean(direct != samples['images'][1]) < 0.01 and np.max(np.abs(direct.astype(int) - samples['images'][1])) <= 1

@@ -1,5 +1,6 @@
 """The text side of text-to-image runs: empty-prompt embedding, images from (seed, prompt) pairs whatever the batch,
 the official COCO resize, and FID plumbing with a stub detector."""
+import dataclasses
 import pathlib
 
 import jax.numpy as jnp
@@ -86,3 +87,94 @@ def test_fid_and_clip_hook_plumbing(text):
   expected = fid_lib.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), *reference)
   np.testing.assert_allclose(results['fid'], expected, rtol=1e-6)
   assert seen == ['a cat', 'a dog', 'a red car', 'a cat', 'a dog'] and results['clip_score'] == 0.25
+
+
+PIXART = pathlib.Path(__file__).resolve().parent / 'data' / 't2i' / 'tiny-pixart'
+T5_REFERENCE = pathlib.Path(__file__).resolve().parent / 'data' / 't2i_pixart'
+
+
+def test_t5_text_side_carries_attention_masks():
+  """PixArt's text side: T5 tokens with their mask (120 long), the encoder called with it (transformers' outputs
+  in tests/data/t2i_pixart), and the condition {'embedding', 'mask'} split over the devices like the tokens."""
+  import json  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from sida_jax.text import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  text = text_to_image.load_text_side(str(PIXART))
+  assert text.masked and text.embedding_shape == (120, 16)
+  ref = np.load(T5_REFERENCE / 'reference.npz')
+  prompts = json.loads((T5_REFERENCE / 'prompts.json').read_text())
+  tokens = text.tokens(prompts)
+  np.testing.assert_array_equal(tokens['input_ids'], ref['input_ids'])
+  np.testing.assert_array_equal(tokens['attention_mask'], ref['attention_mask'])
+  condition = text.embed_prompts(prompts)
+  np.testing.assert_array_equal(condition['mask'], ref['attention_mask'])
+  np.testing.assert_allclose(condition['embedding'], ref['t5_hidden'], rtol=1e-5, atol=1e-5)
+  # Without the mask the padded positions would change every embedding (so the mask is really used).
+  unmasked = text.embed(jnp.asarray(tokens['input_ids']))
+  assert np.abs(np.asarray(unmasked) - ref['t5_hidden']).max() > 1e-3
+  np.testing.assert_allclose(text.null_embedding, text.embed_prompts([''])['embedding'], rtol=1e-6, atol=1e-6)
+
+  text = dataclasses.replace(text, prompts=prompts_lib.PromptDataset('test', prompts))
+  batch = next(text.host_batches(8, seed=0, start_step=0))
+  assert set(batch['critic']) == {'input_ids', 'attention_mask'} and batch['critic']['input_ids'].shape == (8, 120)
+  mesh = step_lib.make_mesh()
+  device = text.device_batch(step_lib.shard_batch(batch, mesh))
+  labels = device['generator']['labels']
+  assert labels['embedding'].shape == (8, 120, 16) and labels['mask'].shape == (8, 120)
+  assert labels['embedding'].sharding.is_equivalent_to(jax.NamedSharding(mesh, jax.sharding.PartitionSpec('data')), 3)
+  host = text.condition({k: jnp.asarray(v) for k, v in batch['generator'].items()})
+  np.testing.assert_allclose(labels['embedding'], host['embedding'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels['mask'], batch['generator']['attention_mask'])
+
+
+def test_text_encoder_is_stored_in_the_compute_dtype():
+  """float32 runs keep the converted float32 weights (embeddings unchanged: the encoder applied to the weights
+  read directly from the folder); bfloat16 runs store bfloat16 weights, embeddings within bfloat16 tolerance."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sida_jax.formats import pretrained  # pylint: disable=import-outside-toplevel
+  prompts = ['a photo of a cat', '', 'two dogs in the park']
+  for folder in (PIPE, PIXART):
+    direct = pretrained.load_network(str(folder / 'text_encoder'))
+    full, half = text_to_image.load_text_side(str(folder)), text_to_image.load_text_side(str(folder), jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(full.text_encoder.variables)} == {np.dtype('float32')}
+    assert {x.dtype for x in jax.tree.leaves(half.text_encoder.variables)} == {np.dtype(jnp.bfloat16)}
+    tokens = full.tokens(prompts)
+    expected = direct(*[jnp.asarray(v) for v in tokens.values()])
+    got = full.embed_prompts(prompts)
+    got_half = half.embed_prompts(prompts)
+    if full.masked:
+      np.testing.assert_array_equal(got['mask'], tokens['attention_mask'])
+      got, got_half = got['embedding'], got_half['embedding']
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    assert np.asarray(got_half).dtype == np.float32
+    err = np.abs(np.asarray(got_half) - np.asarray(expected)).max()
+    assert 0 < err < 0.05 * np.abs(np.asarray(expected)).max(), (folder.name, err)
+
+
+def test_fsdp_split_text_encoder_gives_the_replicated_embeddings():
+  """On a data = 2 × fsdp = 4 mesh the encoder's weights are split along 'fsdp' (by the parameters' rules), and
+  the embeddings equal those of the encoder replicated on a data-only mesh."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from sida_jax.train import sharding, step as step_lib  # pylint: disable=import-outside-toplevel
+  prompts = ['a photo of a cat', 'a dog', '', 'a red car', 'a bowl of fruit', 'a bird', 'a train', 'snow']
+  for folder in (PIPE, PIXART):
+    text = text_to_image.load_text_side(str(folder), min_shard_size=0)
+    tokens = text.tokens(prompts)
+    split_mesh, data_mesh = sharding.make_mesh(2, 4), sharding.make_mesh(8, 1)
+    split = text.condition(step_lib.shard_batch(tokens, split_mesh))
+    replicated = text.condition(step_lib.shard_batch(tokens, data_mesh))
+    placed = {mesh: weights for mesh, (weights, _) in text._placed.items()}  # pylint: disable=protected-access
+    rules = sharding.Layout(split_mesh, 0)
+    for x in jax.tree.leaves(placed[split_mesh]):
+      assert x.sharding.spec == rules.spec(x.shape)
+    assert {x.sharding.spec for x in jax.tree.leaves(placed[data_mesh])} == {jax.sharding.PartitionSpec()}
+    first = split_mesh.devices.reshape(-1)[0]
+    held = sum(s.data.nbytes for x in jax.tree.leaves(placed[split_mesh]) for s in x.addressable_shards
+               if s.device == first)
+    whole = sum(x.nbytes for x in jax.tree.leaves(placed[split_mesh]))
+    assert held < 0.5 * whole
+    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(replicated)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    emb = split['embedding'] if text.masked else split
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))

@@ -11,7 +11,8 @@ from `_class_name` (diffusers) or `architectures` (transformers) and selects a b
 module) and a strict state_dict converter that live next to their module. PyTorch `.bin` weights are
 read with the project's allow-listed torch reader; single-file `.ckpt` checkpoints are refused.
 A pipeline folder (`model_index.json`) loads its denoiser (`unet`: Stable Diffusion; `transformer`: PixArt),
-text_encoder, tokenizer, vae and scheduler config.
+text_encoder, tokenizer, vae and scheduler config. With `weights=False` only the config files are read: the
+networks come with ShapeDtypeStruct variables (the memory plan sizes a run from them).
 """
 from __future__ import annotations
 
@@ -41,14 +42,18 @@ _TOKENIZER_CLASSES = {'CLIPTokenizer': 'clip', 'CLIPTokenizerFast': 'clip', 'T5T
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
-  """How one published class becomes ours: config dict -> module, and state_dict -> variables."""
+  """How one published class becomes ours: config dict -> module, state_dict -> variables, and the variables'
+  shapes without weights."""
   build: Callable[[Mapping[str, Any], Any], nn.Module]
   convert: Callable[[Mapping[str, Any], nn.Module], dict]
+  params_template: Callable[[nn.Module], Any]
 
 
 def _module_architecture(module) -> Architecture:
-  """A model module exposing `from_config(config, dtype)` and `variables_from_state_dict(net, state)`."""
-  return Architecture(module.from_config, lambda state, net: module.variables_from_state_dict(net, state))
+  """A model module exposing `from_config(config, dtype)`, `variables_from_state_dict(net, state)` and
+  `params_template(net)`."""
+  return Architecture(module.from_config, lambda state, net: module.variables_from_state_dict(net, state),
+                      module.params_template)
 
 
 def _registry() -> dict[str, Architecture]:
@@ -56,9 +61,11 @@ def _registry() -> dict[str, Architecture]:
   from sida_jax.models import vae  # pylint: disable=import-outside-toplevel
   from sida_jax.models.t2i import clip_text, pixart, sd_unet, t5  # pylint: disable=import-outside-toplevel
   return {
-      'UNet2DConditionModel': Architecture(sd_unet.from_diffusers_config, sd_unet.convert_diffusers_state),
-      'AutoencoderKL': Architecture(vae.from_diffusers_config, vae.convert_diffusers_state),
-      'CLIPTextModel': Architecture(clip_text.from_transformers_config, clip_text.convert_transformers_state),
+      'UNet2DConditionModel': Architecture(sd_unet.from_diffusers_config, sd_unet.convert_diffusers_state,
+                                           sd_unet.params_template),
+      'AutoencoderKL': Architecture(vae.from_diffusers_config, vae.convert_diffusers_state, vae.params_template),
+      'CLIPTextModel': Architecture(clip_text.from_transformers_config, clip_text.convert_transformers_state,
+                                    clip_text.params_template),
       **dict.fromkeys(pixart.CLASS_NAMES, _module_architecture(pixart)),
       **dict.fromkeys(t5.CLASS_NAMES, _module_architecture(t5)),
   }
@@ -196,8 +203,10 @@ def read_state_dict(folder: str, variant: Optional[str] = None) -> dict:
                           f'*.safetensors.index{tag}.json); files present: {present}')
 
 
-def load_network(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None) -> PretrainedNetwork:
-  """One model folder (`config.json` + weights) as a PretrainedNetwork computing in `dtype`."""
+def load_network(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
+                 weights: bool = True) -> PretrainedNetwork:
+  """One model folder (`config.json` + weights) as a PretrainedNetwork computing in `dtype`; `weights=False`
+  reads config.json alone and gives the variables as ShapeDtypeStructs (float32, as converted weights are)."""
   config_path = os.path.join(folder, CONFIG)
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f'{config_path} not found')
@@ -208,7 +217,10 @@ def load_network(folder: str, dtype: Any = jnp.float32, variant: Optional[str] =
     raise ValueError(f'{config_path}: unsupported class {class_name!r} (supported: {", ".join(registry)})')
   architecture = registry[class_name]
   module = architecture.build(config, dtype)
-  variables = architecture.convert(read_state_dict(folder, variant), module)
+  if weights:
+    variables = architecture.convert(read_state_dict(folder, variant), module)
+  else:
+    variables = {'params': architecture.params_template(module)}
   return PretrainedNetwork(module, variables, class_name, config)
 
 
@@ -237,20 +249,28 @@ def _index_entry(index: Mapping[str, Any], part: str, index_path: str) -> str:
   return entry[1]
 
 
-def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
-                  parts: Optional[Sequence[str]] = None) -> Pipeline:
-  """A pipeline folder: `model_index.json` naming unet/ (Stable Diffusion) or transformer/ (PixArt),
-  text_encoder/, tokenizer/, vae/ and scheduler/ (other parts, such as the safety checker, are not loaded).
-
-  `parts` loads only those entries (e.g. the text side without the 3.4 GB U-Net); the others are None.
-  """
+def denoiser_part(folder: str) -> str:
+  """'unet' (Stable Diffusion) or 'transformer' (PixArt): the denoiser entry of a pipeline folder's index."""
   index_path = os.path.join(folder, MODEL_INDEX)
   index = _read_json(index_path)
   present = [part for part in DENOISER_PARTS if index.get(part) is not None]
   if len(present) != 1:
     raise ValueError(f'{index_path}: no {DENOISER_PARTS[0]!r} entry [library, class]' if not present else
                      f'{index_path}: both {" and ".join(map(repr, present))} entries (expected one denoiser)')
-  wanted = present + list(_PIPELINE_PARTS)
+  return present[0]
+
+
+def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] = None,
+                  parts: Optional[Sequence[str]] = None, weights: bool = True) -> Pipeline:
+  """A pipeline folder: `model_index.json` naming unet/ (Stable Diffusion) or transformer/ (PixArt),
+  text_encoder/, tokenizer/, vae/ and scheduler/ (other parts, such as the safety checker, are not loaded).
+
+  `parts` loads only those entries (e.g. the text side without the 3.4 GB U-Net); the others are None.
+  `weights=False`: the networks' variables are ShapeDtypeStructs, no weight file is opened.
+  """
+  index_path = os.path.join(folder, MODEL_INDEX)
+  index = _read_json(index_path)
+  wanted = [denoiser_part(folder)] + list(_PIPELINE_PARTS)
   if parts is not None:
     unknown = sorted(set(parts) - set(wanted))
     if unknown:
@@ -266,7 +286,7 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, variant: Optional[str] 
       scheduler = _read_json(os.path.join(sub, SCHEDULER_CONFIG))
       loaded[part] = dict(scheduler, _class_name=scheduler.get('_class_name', declared))
     else:
-      network = load_network(sub, dtype, variant)
+      network = load_network(sub, dtype, variant, weights)
       if not _same_architecture(declared, network.class_name):
         raise ValueError(f'{index_path}: {part} is declared {declared!r} but {sub} holds {network.class_name!r}')
       loaded[part] = network

@@ -231,14 +231,19 @@ def _modern_name(name: str) -> str:
   return name
 
 
+def params_template(vae: AutoencoderKL) -> dict:
+  """Abstract `params` (shapes and dtypes) of `vae`, without allocating."""
+  return jax.eval_shape(lambda: vae.init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, vae.in_channels), jnp.float32)))['params']
+
+
 def convert_diffusers_state(state: Mapping[str, Any], vae: AutoencoderKL) -> dict:
   """A diffusers AutoencoderKL state_dict (name → array) as this module's variables, strictly checked.
 
   Every expected name must be present exactly once (either attention spelling), nothing may be left
   over, and every shape must match; 1×1-conv attention weights [out, in, 1, 1] are accepted as linear.
   """
-  template = jax.eval_shape(lambda: vae.init(
-      jax.random.key(0), jnp.zeros((1, 8, 8, vae.in_channels), jnp.float32)))['params']
+  template = params_template(vae)
   # Module names contain dots, so keep the template's own key paths rather than splitting names.
   expected = {'.'.join(path): leaf for path, leaf in traverse_util.flatten_dict(template).items()}
   renamed = {}

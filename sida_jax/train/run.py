@@ -174,7 +174,7 @@ def build_run(config: ml_collections.ConfigDict, teacher: Optional[Network] = No
   method_lib.check_recipe_method(config)
   from sida_jax.train import t2i  # pylint: disable=import-outside-toplevel
   if t2i.is_pipeline_folder(config.teacher):
-    return t2i.build_run(config)
+    return t2i.build_run(config, with_data=with_data)
   dtype = compute_dtype(config.dtype)
   if teacher is None:
     teacher = load_teacher(config.teacher, config.teacher_key, config.network.class_name,

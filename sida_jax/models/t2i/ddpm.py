@@ -58,17 +58,29 @@ class DiscreteSchedule:
     log_sigma = jnp.log(jnp.asarray(sigma, jnp.float32))
     return jnp.searchsorted(jnp.asarray(midpoints), log_sigma).astype(jnp.int32)
 
+  def nearest_timestep(self, sigma: Array) -> Array:
+    """The integer t whose σ_t is nearest to σ itself (|σ_t − σ|, as EDM's iDDPM `round_sigma`), int32: the
+    number of midpoints (σ_t + σ_{t+1})/2 of the grid below σ. σ under σ_0 gives 0, over σ_{T−1} gives T − 1."""
+    grid = self.sigmas.astype(np.float64)
+    midpoints = ((grid[1:] + grid[:-1]) / 2).astype(np.float32)
+    return jnp.searchsorted(jnp.asarray(midpoints), jnp.asarray(sigma, jnp.float32)).astype(jnp.int32)
 
-def from_scheduler_config(config: Mapping[str, Any]) -> DiscreteSchedule:
+
+def from_scheduler_config(config: Mapping[str, Any], x0_clipping: bool = True) -> DiscreteSchedule:
   """The schedule of a diffusers `scheduler_config.json` read the way SiD-LSG reads it (`DDPMScheduler`'s
   fields, whatever the stored `_class_name`: SD folders ship a PNDMScheduler config).
 
   Refused, each in one line naming the entry: prediction types other than ε (v-prediction teachers such as
   SD2.1-768 are a different loss), `clip_sample` / `thresholding` of the x0-prediction (on in
   DDPMScheduler's defaults, off in every SD config), zero-terminal-SNR rescaling and other β schedules.
+  `x0_clipping=False` reads only ᾱ_t and the prediction type, for teachers whose denoiser is not
+  DDPMScheduler's x0-prediction (PixArt's folders ship a DPMSolverMultistepScheduler config without
+  `clip_sample`, which DDPMScheduler's default would turn on).
   """
   values = dict(_DEFAULTS)
   values.update({k: v for k, v in config.items() if k in _DEFAULTS})
+  if not x0_clipping:
+    values.update(clip_sample=False, thresholding=False)
   for key, off in (('clip_sample', False), ('thresholding', False), ('rescale_betas_zero_snr', False)):
     if bool(values[key]) != off:
       raise ValueError(f'scheduler config: unsupported {key}={values[key]!r} (the x0-prediction is used '
