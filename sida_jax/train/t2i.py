@@ -157,7 +157,9 @@ def build_run(config: ml_collections.ConfigDict, pipeline: Optional[pretrained.P
       ema_halflife_mimg=config.ema.halflife_mimg, ema_rampup_ratio=config.ema.rampup_ratio or None,
       grad_accum=config.grad_accum, checkpoint_generator_objective=config.remat == 'full')
   class_name = UNET_CLASS if part == 'unet' else teacher_net.class_name
-  teacher = Network(teacher_net.module, teacher_net.variables, class_name, dict(teacher_net.config))
+  # As for image runs, the teacher waits on the host until the loop places it on the mesh.
+  variables = jax.tree.map(lambda x: jax.device_get(x) if isinstance(x, jax.Array) else x, teacher_net.variables)
+  teacher = Network(teacher_net.module, variables, class_name, dict(teacher_net.config))
   return run_lib.Run(teacher=teacher, train_kwargs=dict(teacher_net.config), generator_class=class_name,
                      generator_kwargs=dict(teacher_net.config), nets=nets, method=method, spec=spec,
                      dataset=None, image_shape=image_shape, batch_size=config.batch_size, seed=config.seed,
