@@ -79,7 +79,7 @@ def main(argv=None) -> None:
   for remat in args.remat.split(","):
     print(f"\nremat = {remat}: smallest fsdp, largest per-device micro-batch m that fits, rounds k, GiB per "
           f"device (estimate)\n")
-    print("| preset | method | params | state total GiB | state/device fsdp 1 · 8 GiB | GiB/sample (gen. phase) | "
+    print("| preset | method | params | state total GiB | state/device fsdp 1 · 8 GiB | GiB/sample (larger phase) | "
           + " | ".join(f"8 × {g:g} GiB" for g in sizes) + " |")
     print("|" + "---|" * (6 + len(sizes)))
     for preset in args.presets.split(","):

@@ -170,6 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan = ml_collections.ConfigDict()
   c.plan.device_gib = 16.0     # memory of one device, for the "fits" verdict
   c.plan.compile = False       # compile the step for XLA's activation scratch (minutes on CPU) instead of the estimate
+  c.plan.estimate = True       # False (and compile False): the state alone, without the step's scratch
 
   # Conversion (`--mode convert`).
   c.convert = ml_collections.ConfigDict()

@@ -241,8 +241,9 @@ def test_bad_feature_sigmas_are_rejected():
 
 def test_gdd_step_does_not_depend_on_the_device_count_or_accumulation():
   """With gan_sum_size fixed, R1 (lazy, every 2nd iteration here) keeps its weight against the GAN terms
-  whatever the per-device batch: one device (8 samples), eight (1 sample each) and four with two accumulation
-  rounds (R1 accumulated too) give the same run."""
+  whatever the per-device batch: one device (8 samples), eight (1 sample each), four with two accumulation
+  rounds (R1 accumulated too) and a mesh data=2 × fsdp=4 (parameters and Adam moments split in four) give the
+  same run."""
   den = toy.toy_denoiser((16, 16))
   teacher = toy.init_toy(den, jax.random.key(0), SHAPE)
   nets = Networks(den, den, den)
@@ -257,14 +258,16 @@ def test_gdd_step_does_not_depend_on_the_device_count_or_accumulation():
   batches = [{phase: {"images": rng.randn(N, *SHAPE).astype(np.float32)} for phase in ("critic", "generator")}
              for _ in range(3)]
   runs = []
-  for devices, rounds in ((1, 1), (8, 1), (4, 2)):
-    mesh = step_lib.make_mesh(devices)
-    train_step = step_lib.make_train_step(dataclasses.replace(spec, grad_accum=rounds), mesh)
+  for devices, fsdp, rounds in ((1, 1, 1), (8, 1, 1), (4, 1, 2), (8, 4, 1)):
+    mesh = step_lib.make_mesh(devices, fsdp)
+    train_step = step_lib.make_train_step(dataclasses.replace(spec, grad_accum=rounds), mesh, min_shard_size=0)
     state = state_lib.init_state(jax.random.key(2), teacher, heads, spec.generator_tx, spec.critic_tx)
     flags = []
     for batch in batches:
       state, metrics = train_step(state, teacher, step_lib.shard_batch(batch, mesh))
       flags.append(float(metrics["critic_regularized"]))
+    if fsdp > 1:   # the state really is split
+      assert any(x.addressable_shards[0].data.size * 4 == x.size for x in jax.tree.leaves(state.critic.params))
     runs.append(jax.device_get(state))
     assert flags == [0.0, 0.0, 1.0] and float(metrics["loss_r1"]) > 0
   diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
@@ -401,39 +404,56 @@ def test_projected_discriminator_stages_match_the_official_reduction_and_buffer_
   assert r1_ref > 1e-3 * d_ref
 
 
+def _split_in(leaf, parts):
+  """Whether a placed array is split in `parts` along one axis (each device holds 1/parts of it)."""
+  return leaf.addressable_shards[0].data.size * parts == leaf.size
+
+
 @pytest.mark.slow
-def test_projected_gdd_step_does_not_depend_on_the_device_count():
-  """The real step with the Projected-GAN heads: batch-norm groups of `batch_stat_size` samples and buffers
-  averaged over devices make one device (4 samples, 2 groups) and two (2 samples, 1 group each) agree, R1
-  included (interval 1: from the second iteration on). Adam's ε is raised to 1e-3 here: the biases of the
-  convolutions in front of batch norm have an exactly-zero gradient up to rounding, which ε = 1e-8 would turn
-  into ±lr steps that depend on the summation order."""
-  settings = _pg_settings(batch_stat_size=2, names=("tf_efficientnet_lite0",))
-  discriminator = gdd.projected_discriminator(settings, PG_SHAPE, 0, _backbone_weights(settings.feature_networks))
+def test_projected_gdd_step_on_a_data_by_fsdp_mesh_is_the_one_device_run():
+  """The real step with the Projected-GAN heads on a mesh data=2 × fsdp=4 (heads' parameters, batch-norm
+  buffers and Adam moments split in four along 'fsdp') and with the per-device defaults — batch-norm groups
+  and GAN sums of `inputs.device_batch` = 16 / 8 = 2 samples, each device's own — equals one device running
+  the 16 samples with both sizes fixed to 2 (8 groups), R1 included (interval 1: from the second iteration on),
+  and the heads' buffers written back by the step move the same way. Adam's ε is raised to 1e-3 here: the
+  biases of the convolutions in front of batch norm have an exactly-zero gradient up to rounding, which
+  ε = 1e-8 would turn into ±lr steps that depend on the summation order."""
+  batch = 16
+  names = ("tf_efficientnet_lite0",)
+  weights = _backbone_weights(_pg_settings(names=names).feature_networks)
   den = toy.toy_denoiser((16,))
+  nets = Networks(den, den, den)
   teacher = toy.init_toy(den, jax.random.key(0), PG_SHAPE)
-  method = gdd.make(_config(r1_gamma=0.5, r1_interval=1, gan_sum_size=4), Networks(den, den, den),
-                    discriminator=discriminator)
-  spec = step_lib.StepSpec(
-      method=method, nets=Networks(den, den, den), batch_size=4, image_shape=PG_SHAPE, init_sigma=method.init_sigma,
-      generator_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3),
-      critic_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3), ema_halflife_mimg=0.5)
-  frozen = method.frozen_variables(teacher)
+
+  def spec_for(group):   # group 0: the per-device micro-batch
+    discriminator = gdd.projected_discriminator(_pg_settings(batch_stat_size=group, names=names), PG_SHAPE, 0,
+                                                weights)
+    method = gdd.make(_config(r1_gamma=0.5, r1_interval=1, gan_sum_size=group), nets, discriminator=discriminator)
+    return step_lib.StepSpec(
+        method=method, nets=nets, batch_size=batch, image_shape=PG_SHAPE, init_sigma=method.init_sigma,
+        generator_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3),
+        critic_tx=state_lib.make_optimizer(1e-3, 0.0, 0.99, 1e-3), ema_halflife_mimg=0.5)
+
+  one_device = spec_for(2)
+  frozen = one_device.method.frozen_variables(teacher)
   assert set(frozen) == {"features"}          # the step gets the feature networks, not the teacher
-  heads = method.init_critic_variables(jax.random.key(1), teacher, PG_SHAPE)
+  heads = one_device.method.init_critic_variables(jax.random.key(1), teacher, PG_SHAPE)
   rng = np.random.RandomState(0)
   batches = []
   for _ in range(2):
-    shared = {"images": rng.uniform(-1, 1, (4, *PG_SHAPE)).astype(np.float32)}
+    shared = {"images": rng.uniform(-1, 1, (batch, *PG_SHAPE)).astype(np.float32)}
     batches.append({"critic": shared, "generator": shared})
   runs = []
-  for devices in (1, 2):
-    mesh = step_lib.make_mesh(devices)
-    train_step = step_lib.make_train_step(spec, mesh)
+  for spec, devices, fsdp in ((one_device, 1, 1), (spec_for(0), 8, 4)):
+    mesh = step_lib.make_mesh(devices, fsdp)
+    train_step = step_lib.make_train_step(spec, mesh, min_shard_size=0)
     state = state_lib.init_state(jax.random.key(2), teacher, heads, spec.generator_tx, spec.critic_tx)
-    for batch in batches:
-      state, metrics = train_step(state, frozen, step_lib.shard_batch(batch, mesh))
+    for b in batches:
+      state, metrics = train_step(state, frozen, step_lib.shard_batch(b, mesh))
     assert float(metrics["critic_regularized"]) == 1.0 and float(metrics["loss_r1"]) > 0
+    if fsdp > 1:
+      assert any(_split_in(x, 4) for x in jax.tree.leaves(state.critic.params))
+      assert any(_split_in(x, 4) for x in jax.tree.leaves(state.critic.buffers))
     runs.append(jax.device_get(state))
   diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
