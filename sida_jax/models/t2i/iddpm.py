@@ -15,7 +15,7 @@ its attention mask, {'embedding': [N, L, D], 'mask': [N, L]}, the transformer's 
 The official SIM code builds its σ grid with EDM's iDDPM recursion over β(j) = β_end + (β_start − β_end)·j/M,
 j = 1…M, which is the pipeline's β grid shifted by one step of 1.99e-5 (σ range [0.0100005, 156.6155] rather
 than the scheduler's [0.0100013, 157.4073]); the grid here is the pipeline's own ᾱ_t, the schedule PixArt was
-trained on (docs/notes/t2i_sim.md compares the two).
+trained on (docs/t2i_sim.md compares the two).
 """
 from __future__ import annotations
 
