@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 import common
+from sida_jax import compile_cache
 from sida_jax.models import convert
 from sida_jax.train import loop
 from sida_jax.train import run as run_lib
@@ -118,9 +119,9 @@ def serve_steps(name: str, dtype: str = "float32", batch_size: Optional[int] = N
 
 def torch_spec(name: str, batch_size: Optional[int] = None) -> dict:
   """What benchmarks/torch_step.py needs to build the same SiD iteration with the official code."""
-  if name not in ("smoke", "cifar10"):
+  if name not in ("smoke", "cifar10", "ddpmpp-tiny"):
     raise common.Skip(f"--compare-torch: config {name!r} has no official SiD (EDM) counterpart here; "
-                      "use smoke or cifar10")
+                      "use smoke, cifar10 or ddpmpp-tiny")
   config = common.bench_config(name, "float32", batch_size)
   network = dict(config.network.kwargs)
   network = {k: list(v) if isinstance(v, tuple) else v for k, v in network.items()}
@@ -187,6 +188,7 @@ def compare_torch(args: argparse.Namespace, name: str) -> dict:
   jax_rss, torch_rss = jax_side.close()["peak_rss_gib"], torch_side.close()["peak_rss_gib"]
   jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
   return dict(config=name, batch=spec["batch"], params_m=jax_side.ready["params_m"],
+              torch_params_m=torch_side.ready["params_m"], torch_version=torch_side.ready["torch"],
               compile_s=jax_side.ready["compile_s"], jax_s=jax_s, torch_s=torch_s, ratio=jax_s / torch_s,
               jax_rss_gib=jax_rss, torch_rss_gib=torch_rss, rss_ratio=jax_rss / torch_rss,
               torch_threads=torch_side.ready["threads"], rounds=args.steps, load_before=load_before,
@@ -214,7 +216,8 @@ def run_row(args: argparse.Namespace, name: str, devices: int, remat: str = "non
   """One row in a fresh process (own peak RSS, own fake device count); failures become skipped rows."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", name,
              "--devices", str(devices), "--steps", str(args.steps), "--dtype", args.dtype,
-             "--matmul_precision", args.matmul_precision, "--remat", remat, "--fsdp", str(args.fsdp)]
+             "--matmul_precision", args.matmul_precision, "--remat", remat, "--fsdp", str(args.fsdp),
+             "--compile_cache", getattr(args, "compile_cache", "off")]
   if args.batch:
     command += ["--batch", str(args.batch)]
   try:
@@ -251,6 +254,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--torch_python", default="", help="a Python with torch ($SIDA_TORCH_PYTHON)")
   parser.add_argument("--official-code", dest="official_code", default="",
                       help="the official SiD code, a checkout or git directory ($SIDA_OFFICIAL_CODE)")
+  parser.add_argument("--compile_cache", default="off",
+                      help="JAX's persistent compilation cache for the rows: 'off' (cold compiles, the default) "
+                           "or a folder (a second run of the same row loads its step from there)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
@@ -281,6 +287,7 @@ def main(argv=None) -> None:
     return
   if args.worker:
     common.set_matmul_precision(args.matmul_precision)
+    compile_cache.enable(args.compile_cache)
     try:
       row = measure_step(names[0], args.steps, device_counts[0], args.dtype, args.batch or None,
                          args.remat, args.fsdp)
