@@ -37,6 +37,8 @@ VARIANTS = {
 # either way): compile time against the speed of the elementwise code.
 VARIANTS["xla_opt_level"] = (None, {"default": {}, "O1": {"xla_backend_optimization_level": 1},
                                     "O0": {"xla_backend_optimization_level": 0}})
+# Which library runs XLA:CPU's convolutions: XNNPACK/YNNPACK fusions (the default) or XLA's own (Eigen).
+VARIANTS["conv_library"] = (None, {"default": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}})
 if hasattr(layers, "attention_einsum"):
   VARIANTS["attention"] = (_set(layers, "attention"), {"einsum": layers.attention_einsum,
                                                       "fused": layers.attention_fused})
