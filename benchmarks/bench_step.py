@@ -3,6 +3,8 @@
     python benchmarks/bench_step.py --configs smoke --steps 5
     python benchmarks/bench_step.py --configs smoke,cifar10,edm2-xs --steps 10 --devices 1,2,4,8
     python benchmarks/bench_step.py --configs cifar10 --remat none,blocks,full --steps 3
+    python benchmarks/bench_step.py --configs smoke,cifar10 --steps 5 --compare-torch \
+        --torch_python PYTHON_WITH_TORCH --official-code SID_CODE_DIR
 
 Prints a markdown table, one row per (config, device count). Each row runs in its own process, so its peak
 RSS is its own and XLA_FLAGS can give it exactly the requested number of fake CPU devices (set before
@@ -17,14 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from typing import Optional
 
 import jax
 import numpy as np
 
 import common
+from sida_jax import compile_cache
 from sida_jax.models import convert
 from sida_jax.train import loop
 from sida_jax.train import run as run_lib
@@ -89,6 +94,115 @@ def measure_step(name: str, steps: int = 10, devices: int = 1, dtype: str = "flo
       losses={k: float(v) for k, v in metrics.items() if k.startswith("loss")})
 
 
+def serve_steps(name: str, dtype: str = "float32", batch_size: Optional[int] = None) -> None:
+  """The JAX side of --compare-torch: compiles the step, prints {"ready": ...}, then runs one step per "step"
+  line on stdin (printing {"seconds": s}) until "quit" (printing the peak RSS)."""
+  config = common.bench_config(name, dtype, batch_size)
+  run = run_lib.build_run(config)
+  train_step = step_lib.make_train_step(run.spec, step_lib.make_mesh(1))
+  state, teacher, batch = train_step.place(run_lib.initial_state(run), run.teacher.variables,
+                                           next(loop.Batches(run).iterate(0)))
+  compiled, compile_s, _ = common.compile_timed(train_step, state, teacher, batch)
+  start = time.perf_counter()
+  state, _ = common.block(compiled(state, teacher, batch))
+  say = lambda obj: print(json.dumps(obj), flush=True)
+  say({"ready": True, "compile_s": compile_s, "warmup_s": time.perf_counter() - start,
+       "params_m": convert.count_params(run.teacher.variables) / 1e6})
+  for line in sys.stdin:
+    if line.strip() == "quit":
+      break
+    start = time.perf_counter()
+    state, _ = common.block(compiled(state, teacher, batch))
+    say({"seconds": time.perf_counter() - start})
+  say({"peak_rss_gib": common.peak_rss_bytes() / common.GIB})
+
+
+def torch_spec(name: str, batch_size: Optional[int] = None) -> dict:
+  """What benchmarks/torch_step.py needs to build the same SiD iteration with the official code."""
+  if name not in ("smoke", "cifar10", "ddpmpp-tiny"):
+    raise common.Skip(f"--compare-torch: config {name!r} has no official SiD (EDM) counterpart here; "
+                      "use smoke, cifar10 or ddpmpp-tiny")
+  config = common.bench_config(name, "float32", batch_size)
+  network = dict(config.network.kwargs)
+  network = {k: list(v) if isinstance(v, tuple) else v for k, v in network.items()}
+  network["dropout"] = 0.0
+  return dict(network=network, batch=config.batch_size, alpha=config.loss.alpha, tmax=config.loss.tmax,
+              init_sigma=config.init_sigma, lr=config.optim.generator_lr)
+
+
+class _Worker:
+  """A step-serving process speaking the one-JSON-object-per-line protocol."""
+
+  def __init__(self, command, env=None, timeout=3600):
+    self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=env)
+    self.timeout = timeout
+    self.ready = self.read()
+
+  def read(self) -> dict:
+    for line in self.process.stdout:
+      line = line.strip()
+      if line.startswith("{"):
+        return json.loads(line)
+    err = self.process.stderr.read().strip().splitlines()
+    raise common.Skip(err[-1] if err else f"worker exited with {self.process.wait()}")
+
+  def ask(self, command: str) -> dict:
+    self.process.stdin.write(command + "\n")
+    self.process.stdin.flush()
+    return self.read()
+
+  def close(self) -> dict:
+    out = self.ask("quit")
+    self.process.wait(self.timeout)
+    return out
+
+
+def compare_torch(args: argparse.Namespace, name: str) -> dict:
+  """The JAX step and the official PyTorch step on the same config, run alternately in two processes
+  (JAX, PyTorch, JAX, ...): a change of machine load hits both. Returns the row, or raises Skip."""
+  torch_python = args.torch_python or os.environ.get("SIDA_TORCH_PYTHON", "")
+  official = args.official_code or os.environ.get("SIDA_OFFICIAL_CODE", "")
+  if not torch_python:
+    raise common.Skip("--compare-torch needs --torch_python (or $SIDA_TORCH_PYTHON): a Python with torch")
+  if not official:
+    raise common.Skip("--compare-torch needs --official-code DIR (or $SIDA_OFFICIAL_CODE): the official SiD code")
+  check = subprocess.run([torch_python, "-c", "import torch"], capture_output=True, text=True)
+  if check.returncode:
+    raise common.Skip(f"--compare-torch: {torch_python} cannot import torch")
+  spec = torch_spec(name, args.batch or None)
+  here = os.path.dirname(os.path.abspath(__file__))
+  jax_command = [sys.executable, os.path.abspath(__file__), "--serve", "--configs", name, "--dtype", "float32",
+                 "--matmul_precision", args.matmul_precision] + (["--batch", str(args.batch)] if args.batch else [])
+  load_before = common.load_average()
+  jax_side = _Worker(jax_command, _worker_env(1), args.timeout)   # compiled before PyTorch starts
+  torch_side = _Worker([torch_python, os.path.join(here, "torch_step.py"), "--official-code", official,
+                        "--spec", json.dumps(spec)], timeout=args.timeout)
+  jax_times, torch_times, loads = [], [], []
+  for r in range(args.steps):
+    jax_times.append(jax_side.ask("step")["seconds"])
+    torch_times.append(torch_side.ask("step")["seconds"])
+    loads.append(os.getloadavg()[0])
+    print(f"# {name} round {r}: jax {jax_times[-1]:.4f} s, torch {torch_times[-1]:.4f} s, load {loads[-1]:.2f}",
+          file=sys.stderr, flush=True)
+  jax_rss, torch_rss = jax_side.close()["peak_rss_gib"], torch_side.close()["peak_rss_gib"]
+  jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+  return dict(config=name, batch=spec["batch"], params_m=jax_side.ready["params_m"],
+              torch_params_m=torch_side.ready["params_m"], torch_version=torch_side.ready["torch"],
+              compile_s=jax_side.ready["compile_s"], jax_s=jax_s, torch_s=torch_s, ratio=jax_s / torch_s,
+              jax_rss_gib=jax_rss, torch_rss_gib=torch_rss, rss_ratio=jax_rss / torch_rss,
+              torch_threads=torch_side.ready["threads"], rounds=args.steps, load_before=load_before,
+              load_max=max(loads), jax_times=jax_times, torch_times=torch_times)
+
+
+COMPARE_COLUMNS = (("config", "config", ""), ("params", "params_m", ".2f"), ("batch", "batch", "d"),
+                   ("rounds", "rounds", "d"), ("JAX compile s", "compile_s", ".1f"), ("JAX s/step", "jax_s", ".4f"),
+                   ("PyTorch s/step", "torch_s", ".4f"), ("ratio JAX/PyTorch", "ratio", ".3f"),
+                   ("JAX peak RSS GiB", "jax_rss_gib", ".2f"), ("PyTorch peak RSS GiB", "torch_rss_gib", ".2f"),
+                   ("RSS ratio", "rss_ratio", ".2f"), ("torch threads", "torch_threads", "d"),
+                   ("load before", "load_before", ""), ("max load 1m", "load_max", ".2f"))
+
+
 def _worker_env(devices: int) -> dict:
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
@@ -102,7 +216,8 @@ def run_row(args: argparse.Namespace, name: str, devices: int, remat: str = "non
   """One row in a fresh process (own peak RSS, own fake device count); failures become skipped rows."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", "--configs", name,
              "--devices", str(devices), "--steps", str(args.steps), "--dtype", args.dtype,
-             "--matmul_precision", args.matmul_precision, "--remat", remat, "--fsdp", str(args.fsdp)]
+             "--matmul_precision", args.matmul_precision, "--remat", remat, "--fsdp", str(args.fsdp),
+             "--compile_cache", getattr(args, "compile_cache", "off")]
   if args.batch:
     command += ["--batch", str(args.batch)]
   try:
@@ -133,7 +248,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--timeout", type=int, default=3600, help="seconds per row")
   parser.add_argument("--remat", default="none", help="comma-separated config.remat values: none,blocks,full")
   parser.add_argument("--fsdp", type=int, default=1, help="devices sharding the state (config.mesh.fsdp)")
+  parser.add_argument("--compare-torch", action="store_true",
+                      help="also run the official PyTorch step (needs --torch_python and --official-code), "
+                           "alternating with ours; prints the ratio")
+  parser.add_argument("--torch_python", default="", help="a Python with torch ($SIDA_TORCH_PYTHON)")
+  parser.add_argument("--official-code", dest="official_code", default="",
+                      help="the official SiD code, a checkout or git directory ($SIDA_OFFICIAL_CODE)")
+  parser.add_argument("--compile_cache", default="off",
+                      help="JAX's persistent compilation cache for the rows: 'off' (cold compiles, the default) "
+                           "or a folder (a second run of the same row loads its step from there)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
 
@@ -144,8 +269,25 @@ def main(argv=None) -> None:
   unknown = [n for n in names if n not in common.CONFIGS]
   if unknown:
     raise SystemExit(f"--configs: unknown config {unknown[0]!r}; expected {', '.join(common.CONFIGS)}")
+  if args.serve:
+    common.set_matmul_precision(args.matmul_precision)
+    serve_steps(names[0], args.dtype, args.batch or None)
+    return
+  if args.compare_torch:
+    rows = []
+    for name in names:
+      try:
+        rows.append(compare_torch(args, name))
+      except common.Skip as reason:
+        rows.append(dict(config=name, skipped=str(reason)))
+        print(f"# {name}: skipped: {reason}", file=sys.stderr, flush=True)
+    print(f"SiD iteration, JAX (fp32, matmul precision {args.matmul_precision}) vs the official PyTorch code, "
+          f"{args.steps} alternating rounds after 1 warm-up each; ratio = median JAX / median PyTorch.\n")
+    print(common.markdown_table(rows, COMPARE_COLUMNS))
+    return
   if args.worker:
     common.set_matmul_precision(args.matmul_precision)
+    compile_cache.enable(args.compile_cache)
     try:
       row = measure_step(names[0], args.steps, device_counts[0], args.dtype, args.batch or None,
                          args.remat, args.fsdp)

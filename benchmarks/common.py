@@ -36,8 +36,19 @@ CIFAR10_DDPMPP_KWARGS = dict(
     encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
     model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], dropout=0.13)
 
-CONFIGS = ("smoke", "mnist", "cifar10", "edm2-xs")
-DEFAULT_BATCH = {"smoke": 8, "cifar10": 4, "edm2-xs": 2}
+# A tiny EDM2 network for the smoke runs of the device suite (8×8×4 latents, 10 classes).
+EDM2_TINY_KWARGS = dict(img_resolution=8, img_channels=4, label_dim=10, model_channels=16, channel_mult=(1, 2),
+                        num_blocks=1, attn_resolutions=(4,), dropout=0.0)
+
+# A one-level DDPM++ (8×8, 2 blocks of 8 channels) that compiles in seconds: the device suite's --smoke rows.
+DDPMPP_TINY_KWARGS = dict(
+    img_resolution=8, img_channels=3, label_dim=0, augment_dim=9, use_fp16=False, sigma_min=0.0,
+    sigma_max=float("inf"), sigma_data=0.5, model_type="SongUNet", embedding_type="positional",
+    encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
+    model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+CONFIGS = ("smoke", "mnist", "cifar10", "edm2-xs", "edm2-s", "ddpmpp-tiny", "edm2-tiny")
+DEFAULT_BATCH = {"smoke": 8, "cifar10": 4, "edm2-xs": 2, "edm2-s": 2, "ddpmpp-tiny": 4, "edm2-tiny": 4}
 GIB = 1 << 30
 
 
@@ -64,10 +75,19 @@ def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = 
     config = cifar10_uncond.get_config("sid")
     config.network.class_name = "EDMPrecond"
     config.network.kwargs = CIFAR10_DDPMPP_KWARGS
-  elif name == "edm2-xs":
+  elif name in ("edm2-xs", "edm2-s"):
+    size = name.split("-")[1]
+    config = edm2_configs.get_config(f"{size},sid")
+    config.network.class_name = "Precond"
+    config.network.kwargs = edm2.preset_config(size)
+  elif name == "ddpmpp-tiny":
+    config = cifar10_uncond.get_config("sid")
+    config.network.class_name = "EDMPrecond"
+    config.network.kwargs = dict(DDPMPP_TINY_KWARGS)
+  elif name == "edm2-tiny":
     config = edm2_configs.get_config("xs,sid")
     config.network.class_name = "Precond"
-    config.network.kwargs = edm2.preset_config("xs")
+    config.network.kwargs = dict(EDM2_TINY_KWARGS)
   elif name == "mnist":
     config = _mnist_config()
   else:

@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.min_shard_size = 16384  # elements; smaller leaves stay replicated
+  c.compile_cache = ""         # folder of JAX's persistent compilation cache; '' = $SIDA_JAX_COMPILE_CACHE or
+                               # ~/.cache/sida_jax/jax ($XDG_CACHE_HOME); 'off' = compile every start
   c.remat = "none"             # generator phase: none | blocks (U-Net blocks recomputed) | full (jax.checkpoint
                                # around the whole generator objective)
   c.total_kimg = 500_000.0

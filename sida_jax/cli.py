@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import PIL.Image
 
-from sida_jax import checkpoint, evaluation, plan as plan_lib, sampling
+from sida_jax import checkpoint, compile_cache, evaluation, plan as plan_lib, sampling
 from sida_jax.formats import safetensors
 from sida_jax.losses import method as method_lib
 from sida_jax.models import convert
@@ -24,6 +24,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ValueError(f"--mode={mode!r} is not one of {', '.join(MODES)}")
   if not workdir:
     raise ValueError("--workdir is required")
+  # Before anything compiles: a resumed run loads its step from the cache instead of compiling it again.
+  compile_cache.enable(config.get("compile_cache", ""))
   MODES[mode](config, workdir)
 
 

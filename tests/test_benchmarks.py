@@ -87,3 +87,57 @@ def test_measure_sampling_smoke_rows():
   # Heun with 3 network calls counts about 3 times the FLOPs of one generator call.
   assert heun["gflop"] == pytest.approx(3 * one_step["gflop"], rel=0.05)
   assert math.isfinite(heun["compile_s"])
+
+
+def _compare_args(**overrides):
+  args = bench_step.parse_args(["--configs", "ddpmpp-tiny", "--steps", "2", "--compare-torch"])
+  for key, value in overrides.items():
+    setattr(args, key, value)
+  return args
+
+
+def test_compare_torch_skips_with_a_reason(monkeypatch):
+  monkeypatch.delenv("SIDA_TORCH_PYTHON", raising=False)
+  monkeypatch.delenv("SIDA_OFFICIAL_CODE", raising=False)
+  with pytest.raises(common.Skip, match="needs --torch_python"):
+    bench_step.compare_torch(_compare_args(), "ddpmpp-tiny")
+  with pytest.raises(common.Skip, match="needs --official-code"):
+    bench_step.compare_torch(_compare_args(torch_python=sys.executable), "ddpmpp-tiny")
+  with pytest.raises(common.Skip, match="has no official SiD"):
+    bench_step.torch_spec("edm2-xs")
+  try:
+    import torch  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+  except ImportError:
+    with pytest.raises(common.Skip, match="cannot import torch"):
+      bench_step.compare_torch(_compare_args(torch_python=sys.executable, official_code="x"), "ddpmpp-tiny")
+
+
+def test_compare_torch_runs_the_official_step_alternately():
+  """Needs $SIDA_TORCH_PYTHON (a Python with torch) and $SIDA_OFFICIAL_CODE (the official SiD code)."""
+  import os  # pylint: disable=import-outside-toplevel
+  if not (os.environ.get("SIDA_TORCH_PYTHON") and os.environ.get("SIDA_OFFICIAL_CODE")):
+    pytest.skip("set SIDA_TORCH_PYTHON and SIDA_OFFICIAL_CODE to run the official PyTorch step")
+  row = bench_step.compare_torch(_compare_args(timeout=900), "ddpmpp-tiny")
+  # Both sides built the same network: the official EDMPrecond has exactly our parameter count.
+  assert row["torch_params_m"] == pytest.approx(row["params_m"], abs=1e-6)
+  assert len(row["jax_times"]) == len(row["torch_times"]) == 2
+  assert row["ratio"] == pytest.approx(row["jax_s"] / row["torch_s"])
+  assert row["jax_rss_gib"] > 0 and row["torch_rss_gib"] > 0 and row["torch_threads"] >= 1
+
+
+def test_profile_classifies_operations_by_contents_and_name_stack():
+  import profile_step  # pylint: disable=import-outside-toplevel
+  fwd, bwd = "jit(step)/jvp(EDMPrecond)/model/enc.16x16_block0", "jit(step)/transpose(jvp(EDMPrecond))/model/dec.8x8_up"
+  assert profile_step.classify("fusion", f"{fwd}/conv0/conv_general_dilated", {"convolution"}) == "conv fwd"
+  assert profile_step.classify("fusion", f"{bwd}/conv1/conv_general_dilated", {"convolution"}) == "conv bwd"
+  assert profile_step.classify("fusion", "", {"convolution"}) == "conv (pass unknown)"
+  assert profile_step.classify("fusion", f"{bwd}/norm1/mul", {"multiply", "add"}) == "GroupNorm bwd"
+  assert profile_step.classify("fusion", f"{fwd}/nqhc,nkhc->nhqk/dot_general", {"dot"}) == "attention dot fwd"
+  assert profile_step.classify("copy", "", set()) == "transpose/copy"
+  assert profile_step.classify("fusion", f"{fwd}/jit(silu)/div", {"divide", "exponential"}) == "elementwise fwd"
+  # On a real optimised module: the convolution of a gradient program is found through its fusion.
+  x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((4, 4, 3, 3))
+  conv = lambda w: jnp.sum(jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                        dimension_numbers=("NHWC", "OIHW", "NHWC")) ** 2)
+  hlo = profile_step.parse_hlo(jax.jit(jax.grad(conv)).lower(w).compile().as_text())
+  assert any(profile_step.classify(*entry).startswith("conv") for entry in hlo.values())

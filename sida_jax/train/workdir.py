@@ -29,7 +29,8 @@ NETWORK_JSON = "network.json"   # = checkpoint.NETWORK_JSON (not imported: this 
 
 # Keys (or sections, ending in '.') a resumed run may change.
 RESUMABLE = ("total_kimg", "batch_size", "log_every_kimg", "checkpoint_every_kimg", "checkpoint_every_minutes",
-             "grid_every_kimg", "eval_every_kimg", "max_to_keep", "sample.", "eval.", "convert.")
+             "grid_every_kimg", "eval_every_kimg", "max_to_keep", "sample.", "eval.", "convert.",
+             "compile_cache")
 # Paths that may move: accepted when the file name stays the same.
 MOVABLE = ("teacher", "generator_init", "data.path", "data.data_dir")
 

@@ -197,13 +197,36 @@ class GroupNorm(nn.Module):
       raise ValueError(f'GroupNorm: {c} channels cannot form {groups} groups')
     weight = self.param('weight', nn.initializers.ones, (c,))
     bias = self.param('bias', nn.initializers.zeros, (c,))
-    n, h, w, _ = x.shape
-    y = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
-    mean = y.mean(axis=(1, 2, 4), keepdims=True)
-    y = y - mean
-    var = jnp.square(y).mean(axis=(1, 2, 4), keepdims=True)
-    y = (y * lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-    return (y * weight + bias).astype(x.dtype)
+    return group_norm(x, weight, bias, groups, self.eps)
+
+
+def group_norm_two_pass(x: Array, weight: Array, bias: Array, groups: int, eps: float) -> Array:
+  """Group normalisation as written: mean, then the variance of the centred values (two passes)."""
+  n, h, w, c = x.shape
+  y = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+  mean = y.mean(axis=(1, 2, 4), keepdims=True)
+  y = y - mean
+  var = jnp.square(y).mean(axis=(1, 2, 4), keepdims=True)
+  y = (y * lax.rsqrt(var + eps)).reshape(n, h, w, c)
+  return (y * weight + bias).astype(x.dtype)
+
+
+def group_norm_one_pass(x: Array, weight: Array, bias: Array, groups: int, eps: float) -> Array:
+  """Group normalisation in one read of x: float32 sums of x and x² per group give the statistics, which
+  fold with the affine parameters into a per-(sample, channel) scale and shift."""
+  n, h, w, c = x.shape
+  y = x.astype(jnp.float32).reshape(n, h * w, groups, c // groups)
+  mean = y.mean(axis=(1, 3))
+  var = jnp.maximum(jnp.square(y).mean(axis=(1, 3)) - jnp.square(mean), 0.0)
+  inv = lax.rsqrt(var + eps)                                                     # [n, groups]
+  scale = (inv[:, :, None] * weight.reshape(groups, -1)).reshape(n, 1, 1, c)
+  shift = (bias.reshape(groups, -1) - (mean * inv)[:, :, None] * weight.reshape(groups, -1)).reshape(n, 1, 1, c)
+  return (x.astype(jnp.float32) * scale + shift).astype(x.dtype)
+
+
+# One pass: 16 % less XLA scratch in the CIFAR-10 SiD step and ~11 % faster on the small net (paired A/B,
+# docs/notes/speed.md); the golden tests pass with it. The two-pass form stays for benchmarks/ab_step.py.
+group_norm = group_norm_one_pass
 
 
 class UNetBlock(nn.Module):
