@@ -225,7 +225,7 @@ def group_norm_one_pass(x: Array, weight: Array, bias: Array, groups: int, eps: 
 
 
 # One pass: 16 % less XLA scratch in the CIFAR-10 SiD step and ~11 % faster on the small net (paired A/B,
-# docs/notes/speed.md); the golden tests pass with it. The two-pass form stays for benchmarks/ab_step.py.
+# docs/speed.md); the golden tests pass with it. The two-pass form stays for benchmarks/ab_step.py.
 group_norm = group_norm_one_pass
 
 
