@@ -9,7 +9,6 @@ stores the reference tokenizer ids and network outputs in reference.npz.
 import json
 import os
 import pathlib
-import shutil
 import tempfile
 
 import numpy as np
@@ -43,7 +42,15 @@ def train_tokenizer(folder: pathlib.Path) -> None:
         model_type='unigram', pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         normalization_rule_name='nmt_nfkc', minloglevel=2)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(os.path.join(tmp, 'spiece.model'), folder / 'spiece.model')
+    # The model records where it was trained from; keep only the file names (no paths of this machine).
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(os.path.join(tmp, 'spiece.model'), 'rb') as f:
+      model.ParseFromString(f.read())
+    del model.trainer_spec.input[:]
+    model.trainer_spec.input.append('corpus.txt')
+    model.trainer_spec.model_prefix = 'spiece'
+    (folder / 'spiece.model').write_bytes(model.SerializeToString())
   # The files PixArt's tokenizer folder holds next to spiece.model.
   (folder / 'tokenizer_config.json').write_text(json.dumps(
       {'tokenizer_class': 'T5Tokenizer', 'extra_ids': 100, 'model_max_length': 512, 'eos_token': '</s>',
