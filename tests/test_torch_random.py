@@ -2,6 +2,7 @@
 (when installed) torch itself; and `--mode sample` against the official generate_onestep.py PNGs."""
 import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 from fractions import Fraction
@@ -227,27 +228,52 @@ def _assert_same_pixels(ours, official):
   assert diff.max() <= 1 and equal >= 0.999   # the networks' float32 arithmetic differs (XLA vs torch)
 
 
+def _snapshots_by_hash() -> dict:
+  """{SHA-256: path} of the EDM fixture snapshots, found by listing the folder."""
+  return {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in sorted(fixtures_dir("edm").glob("*.pkl"))}
+
+
+def _official_cases() -> list:
+  """(fixture snapshot, stored noise file) of every stored official PNG set whose snapshot this fixture set holds."""
+  snapshots = _snapshots_by_hash()
+  cases = []
+  for noise_file in sorted(OFFICIAL.glob("*_noise.npz")):
+    pkl = snapshots.get(str(np.load(noise_file)["snapshot_sha256"]))
+    if pkl is not None:
+      cases.append((pkl, noise_file))
+  return cases
+
+
 @pytest.mark.fixtures
 def test_sample_mode_reproduces_official_generate_onestep_pngs(tmp_path):
-  pkl = fixtures_dir("edm") / "edm_ddpmpp.pkl"
-  noise = np.load(OFFICIAL / "edm_ddpmpp_noise.npz")
-  seeds = [int(s) for s in noise["seeds"]]
-  # The official script's latents and labels, exactly (seed 4294967301 is drawn as seed 5).
-  z, y = sampling.seed_noise(seeds, (16, 16, 3), label_dim=10)
-  np.testing.assert_array_equal(z, noise["latents"].transpose(0, 2, 3, 1))
-  np.testing.assert_array_equal(y.argmax(1), noise["labels"])
-  out = _sample_with_our_cli(pkl, tmp_path, seeds)
-  _assert_same_pixels(_pixels(out, seeds), _pixels(OFFICIAL / "edm_ddpmpp", seeds))
+  """The PNGs SiD's generate_onestep.py wrote for a fixture snapshot (found by its SHA-256) equal ours."""
+  cases = _official_cases()
+  if not cases:
+    pytest.skip("this fixture set holds none of the snapshots the stored official PNGs were made from")
+  for pkl, noise_file in cases:
+    noise = np.load(noise_file)
+    seeds = [int(s) for s in noise["seeds"]]
+    channels, height, width = noise["latents"].shape[1:]
+    label_dim = json.loads(pkl.with_name(pkl.stem + "_kwargs.json").read_text())["init_kwargs"].get("label_dim", 0)
+    # The official script's latents and labels, exactly (seed 4294967301 is drawn as seed 5).
+    z, y = sampling.seed_noise(seeds, (height, width, channels), label_dim=label_dim)
+    np.testing.assert_array_equal(z, noise["latents"].transpose(0, 2, 3, 1))
+    if label_dim:
+      np.testing.assert_array_equal(y.argmax(1), noise["labels"])
+    out = _sample_with_our_cli(pkl, tmp_path / pkl.stem, seeds)
+    pngs = noise_file.with_name(noise_file.name[:-len("_noise.npz")])
+    _assert_same_pixels(_pixels(out, seeds), _pixels(pngs, seeds))
 
 
 @pytest.mark.fixtures
 def test_live_official_generate_onestep(tmp_path):
-  """Runs the official script itself (SIDA_OFFICIAL_SID = a checkout of mingyuanzhou/SiD) on CPU."""
+  """Runs the official script itself (SIDA_OFFICIAL_SID = a checkout of mingyuanzhou/SiD) on CPU, on the first
+  EDM fixture snapshot."""
   _torch()
   sid_root = os.environ.get("SIDA_OFFICIAL_SID")
   if not sid_root:
     pytest.skip("set SIDA_OFFICIAL_SID to a checkout of github.com/mingyuanzhou/SiD to run generate_onestep.py")
-  pkl = fixtures_dir("edm") / "edm_ddpmpp.pkl"
+  pkl = sorted(fixtures_dir("edm").glob("*.pkl"))[0]
   spec = importlib.util.spec_from_file_location("make_official_pngs", DATA / "make_official_pngs.py")
   driver = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(driver)

@@ -1,5 +1,6 @@
 """Runs SiD's official `generate_onestep.py` on CPU and keeps its PNGs (official_pngs/<stem>/<seed>.png),
-plus the latents and labels its StackedRandomGenerator draws for those seeds (official_pngs/<stem>_noise.npz).
+plus the latents and labels its StackedRandomGenerator draws for those seeds and the SHA-256 of the network
+file (official_pngs/<stem>_noise.npz; the test finds the fixture snapshot by that hash).
 
     python tests/data/torch_random/make_official_pngs.py SID_CHECKOUT NETWORK_PKL SEEDS LABEL_DIM
 
@@ -8,9 +9,10 @@ SID_CHECKOUT is a checkout of github.com/mingyuanzhou/SiD (branch main); the scr
 surroundings are adapted for one CPU process: a single-process gloo group instead of NCCL + CUDA, and
 `device=cpu` passed to the script's `main`. The test fixture pickles have their module source text omitted,
 so a persistence import hook supplies SiD's `training/networks.py` as the source of every persistent class.
-Needs torch (the parity environment). The stored set was made with NETWORK_PKL = the EDM fixture
-edm/edm_ddpmpp.pkl (tests/conftest.py: fixtures_root), SEEDS = 0,1,2,3,42,4294967301 and LABEL_DIM = 10.
+Needs torch (the parity environment). The stored set was made with NETWORK_PKL = the conditional DDPM++
+snapshot of the public EDM fixtures, SEEDS = 0,1,2,3,42,4294967301 and LABEL_DIM = 10.
 """
+import hashlib
 import importlib
 import os
 import pathlib
@@ -72,7 +74,10 @@ def main():
     os.remove(npz)   # the script's own npz of the PNGs: not needed
   first = np.asarray(PIL.Image.open(outdir / f"{seeds[0]:06d}.png"))
   shape = (first.shape[2] if first.ndim == 3 else 1, *first.shape[:2])
-  np.savez(outdir.parent / f"{stem}_noise.npz", **official_noise(module, seeds, shape, label_dim))
+  with open(network_pkl, "rb") as f:
+    sha256 = hashlib.sha256(f.read()).hexdigest()
+  np.savez(outdir.parent / f"{stem}_noise.npz", **official_noise(module, seeds, shape, label_dim),
+           snapshot_sha256=np.array(sha256))
   print(f"wrote {sorted(p.name for p in outdir.glob('*.png'))} to {outdir}")
 
 
