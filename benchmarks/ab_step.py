@@ -38,7 +38,13 @@ VARIANTS = {
 VARIANTS["xla_opt_level"] = (None, {"default": {}, "O1": {"xla_backend_optimization_level": 1},
                                     "O0": {"xla_backend_optimization_level": 0}})
 # Which library runs XLA:CPU's convolutions: XNNPACK/YNNPACK fusions (the default) or XLA's own (Eigen).
-VARIANTS["conv_library"] = (None, {"default": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}})
+VARIANTS["conv_library"] = (None, {"default": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+                                    "onednn": {"xla_cpu_use_onednn": True,
+                                               "xla_cpu_experimental_onednn_custom_call": True}})
+# XLA:CPU's runtime and scheduling: per-operation dispatch overhead matters for small networks.
+VARIANTS["xla_runtime"] = (None, {"default": {}, "concurrency_scheduler": {
+    "xla_cpu_enable_concurrency_optimized_scheduler": True}, "no_multi_output_fusion": {
+    "xla_cpu_use_multi_output_fusion": False}})
 if hasattr(layers, "attention_einsum"):
   VARIANTS["attention"] = (_set(layers, "attention"), {"einsum": layers.attention_einsum,
                                                       "fused": layers.attention_fused})

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sida_jax import checkpoint, data as data_lib, sampling
+from sida_jax import checkpoint, data as data_lib, host_memory, sampling
 from sida_jax.train import preemption
 from sida_jax.train import run as run_lib
 from sida_jax.train import sharding
@@ -240,6 +240,7 @@ def _train(config, workdir, run, evaluate_fn, stop_after_steps, stop) -> state_l
     logging.info("resumed from %s/%d (%.3f kimg)", ckpt_dir, int(meta["step"]),
                  float(jax.device_get(state.nimg(batch))) / 1000)
   teacher_variables = place_state(run.frozen_variables, layout)   # the teacher, or the method's
+  host_memory.release()   # the initialisation's and the restore's temporaries
   step_base, nimg_base = int(state.step_base), int(state.nimg_base)
   images = lambda step: nimg_base + (step - step_base) * batch   # images seen after `step` iterations
   total_steps = step_base + int(math.ceil((config.total_kimg * 1000 - nimg_base) / batch))

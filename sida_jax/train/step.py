@@ -48,6 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from sida_jax import host_memory
 from sida_jax import sampling
 from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Method, Networks
 from sida_jax.train import sharding as sharding_lib
@@ -371,13 +372,21 @@ class TrainStep:
       return layout.constrain(new_state), jax.lax.with_sharding_constraint(metrics, layout.replicated)
 
     self.jitted = jax.jit(step, donate_argnums=(0,))
+    self._compiled = False
 
   def place(self, state, teacher_variables, batch) -> tuple:
     return (self.layout.place(state), self.layout.place(teacher_variables),
             shard_batch(batch, self.layout.mesh))
 
   def __call__(self, state, teacher_variables, batch):
-    return self.jitted(*self.place(state, teacher_variables, batch))
+    args = self.place(state, teacher_variables, batch)
+    if not self._compiled:
+      # Compile ahead of the first run (the jit reuses this executable) and hand the compiler's freed
+      # memory back before the step takes its own buffers: it would otherwise stay resident all run.
+      self.jitted.lower(*args).compile()
+      host_memory.release()
+      self._compiled = True
+    return self.jitted(*args)
 
   def lower(self, state, teacher_variables, batch):
     return self.jitted.lower(*self.place(state, teacher_variables, batch))
