@@ -1,6 +1,7 @@
 """Smoke checks of the benchmark scripts' core functions (no timing assertions)."""
 import math
 import pathlib
+import statistics
 import sys
 
 import jax
@@ -123,6 +124,36 @@ def test_compare_torch_runs_the_official_step_alternately():
   assert len(row["jax_times"]) == len(row["torch_times"]) == 2
   assert row["ratio"] == pytest.approx(row["jax_s"] / row["torch_s"])
   assert row["jax_rss_gib"] > 0 and row["torch_rss_gib"] > 0 and row["torch_threads"] >= 1
+
+
+def _sampling_compare_args(**overrides):
+  args = bench_sampling.parse_args(["--configs", "ddpmpp-tiny", "--compare-torch", "--images", "8", "--batch", "4",
+                                    "--heun_steps", "2", "--rounds", "2"])
+  for key, value in overrides.items():
+    setattr(args, key, value)
+  return args
+
+
+def test_sampling_compare_torch_skips_with_a_reason(monkeypatch):
+  for name in ("SIDA_TORCH_PYTHON", "SIDA_OFFICIAL_CODE", "SIDA_OFFICIAL_EDM"):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(common.Skip, match="needs --torch_python"):
+    bench_sampling.compare_torch(_sampling_compare_args(), "ddpmpp-tiny")
+  with pytest.raises(common.Skip, match="needs --official-code SID_DIR and --official-edm EDM_DIR"):
+    bench_sampling.compare_torch(_sampling_compare_args(torch_python=sys.executable, official_code="x"), "ddpmpp-tiny")
+
+
+def test_sampling_compare_torch_runs_the_official_samplers_alternately():
+  """Needs $SIDA_TORCH_PYTHON, $SIDA_OFFICIAL_CODE (the official SiD code) and $SIDA_OFFICIAL_EDM (EDM's)."""
+  import os  # pylint: disable=import-outside-toplevel
+  if not all(os.environ.get(n) for n in ("SIDA_TORCH_PYTHON", "SIDA_OFFICIAL_CODE", "SIDA_OFFICIAL_EDM")):
+    pytest.skip("set SIDA_TORCH_PYTHON, SIDA_OFFICIAL_CODE and SIDA_OFFICIAL_EDM to run the official samplers")
+  one_step, heun = bench_sampling.compare_torch(_sampling_compare_args(), "ddpmpp-tiny")
+  for row in (one_step, heun):
+    assert row["torch_params_m"] == pytest.approx(row["params_m"], abs=1e-6) and row["finite"]
+    assert len(row["jax_times"]) == len(row["torch_times"]) == 2
+    assert row["ratio"] == pytest.approx(statistics.median(row["jax_times"]) / statistics.median(row["torch_times"]))
+  assert (one_step["nfe"], one_step["images"], heun["nfe"], heun["images"]) == (1, 8, 3, 4)
 
 
 def test_profile_classifies_operations_by_contents_and_name_stack():
