@@ -40,7 +40,9 @@ VARIANTS["xla_opt_level"] = (None, {"default": {}, "O1": {"xla_backend_optimizat
 # Which library runs XLA:CPU's convolutions: XNNPACK/YNNPACK fusions (the default) or XLA's own (Eigen).
 VARIANTS["conv_library"] = (None, {"default": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
                                     "onednn": {"xla_cpu_use_onednn": True,
-                                               "xla_cpu_experimental_onednn_custom_call": True}})
+                                               "xla_cpu_experimental_onednn_custom_call": True},
+                                    "xnn_graph": {"xla_cpu_experimental_xnn_graph_fusion_mode":
+                                                  "XNN_GRAPH_FUSION_MODE_GREEDY"}})
 # XLA:CPU's runtime and scheduling: per-operation dispatch overhead matters for small networks.
 VARIANTS["xla_runtime"] = (None, {"default": {}, "concurrency_scheduler": {
     "xla_cpu_enable_concurrency_optimized_scheduler": True}, "no_multi_output_fusion": {
