@@ -96,10 +96,10 @@ def measure_step(name: str, steps: int = 10, devices: int = 1, dtype: str = "flo
       losses={k: float(v) for k, v in metrics.items() if k.startswith("loss")})
 
 
-def serve_steps(name: str, dtype: str = "float32", batch_size: Optional[int] = None) -> None:
+def serve_steps(name: str, dtype: str = "float32", batch_size: Optional[int] = None, method: str = "sid") -> None:
   """The JAX side of --compare-torch: compiles the step, prints {"ready": ...}, then runs one step per "step"
   line on stdin (printing {"seconds": s}) until "quit" (printing the peak RSS)."""
-  config = common.bench_config(name, dtype, batch_size)
+  config = common.bench_config(name, dtype, batch_size, method)
   run = run_lib.build_run(config)
   train_step = step_lib.make_train_step(run.spec, step_lib.make_mesh(1))
   state, teacher, batch = train_step.place(run_lib.initial_state(run), run.teacher.variables,
@@ -121,7 +121,7 @@ def serve_steps(name: str, dtype: str = "float32", batch_size: Optional[int] = N
   say({"peak_rss_gib": common.peak_rss_bytes() / common.GIB})
 
 
-def torch_spec(name: str, batch_size: Optional[int] = None) -> dict:
+def torch_spec(name: str, batch_size: Optional[int] = None, method: str = "sid") -> dict:
   """What benchmarks/torch_step.py needs to build the same SiD iteration with the official code."""
   if name not in ("smoke", "cifar10", "ddpmpp-tiny"):
     raise common.Skip(f"--compare-torch: config {name!r} has no official SiD (EDM) counterpart here; "
@@ -130,8 +130,12 @@ def torch_spec(name: str, batch_size: Optional[int] = None) -> dict:
   network = dict(config.network.kwargs)
   network = {k: list(v) if isinstance(v, tuple) else v for k, v in network.items()}
   network["dropout"] = 0.0
-  return dict(network=network, batch=config.batch_size, alpha=config.loss.alpha, tmax=config.loss.tmax,
+  spec = dict(network=network, batch=config.batch_size, alpha=config.loss.alpha, tmax=config.loss.tmax,
               init_sigma=config.init_sigma, lr=config.optim.generator_lr)
+  if method == "sida":
+    loss = common.bench_config(name, "float32", batch_size, "sida").loss
+    spec.update(alpha=loss.alpha, lsd=loss.discriminator_scale, lsg_gan=loss.adversarial_scale)
+  return spec
 
 
 class _Worker:
@@ -174,14 +178,16 @@ def compare_torch(args: argparse.Namespace, name: str) -> dict:
   check = subprocess.run([torch_python, "-c", "import torch"], capture_output=True, text=True)
   if check.returncode:
     raise common.Skip(f"--compare-torch: {torch_python} cannot import torch")
-  spec = torch_spec(name, args.batch or None)
+  method = getattr(args, "method", "sid")
+  spec = torch_spec(name, args.batch or None, method)
   here = os.path.dirname(os.path.abspath(__file__))
-  jax_command = [sys.executable, os.path.abspath(__file__), "--serve", "--configs", name, "--dtype", "float32",
+  jax_command = [sys.executable, os.path.abspath(__file__), "--serve", "--method", method, "--configs", name,
+                 "--dtype", "float32",
                  "--matmul_precision", args.matmul_precision] + (["--batch", str(args.batch)] if args.batch else [])
   load_before = common.load_average()
   jax_side = _Worker(jax_command, _worker_env(1), args.timeout)   # compiled before PyTorch starts
   torch_side = _Worker([torch_python, os.path.join(here, "torch_step.py"), "--official-code", official,
-                        "--spec", json.dumps(spec)], timeout=args.timeout)
+                        "--method", method, "--spec", json.dumps(spec)], timeout=args.timeout)
   jax_times, torch_times, loads = [], [], []
   for r in range(args.steps):
     jax_times.append(jax_side.ask("step")["seconds"])
@@ -191,7 +197,8 @@ def compare_torch(args: argparse.Namespace, name: str) -> dict:
           file=sys.stderr, flush=True)
   jax_rss, torch_rss = jax_side.close()["peak_rss_gib"], torch_side.close()["peak_rss_gib"]
   jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
-  return dict(config=name, batch=spec["batch"], params_m=jax_side.ready["params_m"],
+  return dict(config=name if method == "sid" else f"{name} {method}", method=method, batch=spec["batch"],
+              params_m=jax_side.ready["params_m"],
               torch_params_m=torch_side.ready["params_m"], torch_version=torch_side.ready["torch"],
               compile_s=jax_side.ready["compile_s"], jax_s=jax_s, torch_s=torch_s, ratio=jax_s / torch_s,
               jax_rss_gib=jax_rss, torch_rss_gib=torch_rss, rss_ratio=jax_rss / torch_rss,
@@ -262,6 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="JAX's persistent compilation cache for the rows: 'off' (cold compiles, the default) "
                            "or a folder (a second run of the same row loads its step from there)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--method", default="sid", choices=("sid", "sida"),
+                      help="--compare-torch: the SiD or the SiDA iteration (sida: 32×32×3 configs, e.g. cifar10)")
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -275,7 +284,7 @@ def main(argv=None) -> None:
     raise SystemExit(f"--configs: unknown config {unknown[0]!r}; expected {', '.join(common.CONFIGS)}")
   if args.serve:
     common.set_matmul_precision(args.matmul_precision)
-    serve_steps(names[0], args.dtype, args.batch or None)
+    serve_steps(names[0], args.dtype, args.batch or None, args.method)
     return
   if args.compare_torch:
     rows = []
@@ -285,7 +294,8 @@ def main(argv=None) -> None:
       except common.Skip as reason:
         rows.append(dict(config=name, skipped=str(reason)))
         print(f"# {name}: skipped: {reason}", file=sys.stderr, flush=True)
-    print(f"SiD iteration, JAX (fp32, matmul precision {args.matmul_precision}) vs the official PyTorch code, "
+    print(f"{dict(sid='SiD', sida='SiDA')[args.method]} iteration, JAX (fp32, matmul precision "
+          f"{args.matmul_precision}) vs the official PyTorch code, "
           f"{args.steps} alternating rounds after 1 warm-up each; ratio = median JAX / median PyTorch.\n")
     print(common.markdown_table(rows, COMPARE_COLUMNS))
     return

@@ -65,14 +65,18 @@ def _mnist_config() -> ml_collections.ConfigDict:
   return config
 
 
-def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = None
+def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = None, method: str = "sid"
                  ) -> ml_collections.ConfigDict:
-  """A SiD run config for one benchmark row: random-weight teacher, no data, dropout and augmentation off."""
+  """A SiD run config for one benchmark row: random-weight teacher, no data, dropout and augmentation off.
+
+  method='sida' (cifar10 only): the CIFAR-10 SiDA recipe's loss settings past its warm-up (the GAN terms on from
+  the first step) with MNIST-5k digits at 32×32×3 as the real batch.
+  """
   if name == "smoke":
     config = smoke.get_config()
     config.network.kwargs = SMOKE_KWARGS
   elif name == "cifar10":
-    config = cifar10_uncond.get_config("sid")
+    config = cifar10_uncond.get_config(method if method in ("sid", "sida") else "sid")
     config.network.class_name = "EDMPrecond"
     config.network.kwargs = CIFAR10_DDPMPP_KWARGS
   elif name in ("edm2-xs", "edm2-s"):
@@ -92,6 +96,8 @@ def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = 
     config = _mnist_config()
   else:
     raise ValueError(f"unknown benchmark config {name!r}; expected one of {', '.join(CONFIGS)}")
+  if method == "sida" and name != "cifar10":
+    raise Skip(f"SiDA rows run on cifar10 (real batch: MNIST-5k at 32×32×3), not {name}")
   config.method = "sid"
   config.teacher = ""
   config.generator_init = ""
@@ -100,6 +106,13 @@ def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = 
   config.augment_p = 0.0
   config.dtype = dtype
   config.batch_size = batch_size or DEFAULT_BATCH.get(name, config.batch_size)
+  if method == "sida":
+    config.method = "sida"    # the recipe's loss settings, past the warm-up: the GAN terms on from the first step
+    config.loss.sid_only_kimg = config.loss.critic_only_kimg = 0.0
+    config.loss.adv_pool_size = config.batch_size   # one process: the official per-GPU pool is the whole batch
+    config.data.update(source="mnist5k", resolution=32, channels=3, use_labels=False)
+  elif method != "sid":
+    raise ValueError(f"benchmark method {method!r}: expected sid or sida")
   return config
 
 

@@ -113,6 +113,20 @@ def test_compare_torch_skips_with_a_reason(monkeypatch):
       bench_step.compare_torch(_compare_args(torch_python=sys.executable, official_code="x"), "ddpmpp-tiny")
 
 
+def test_sida_rows_use_the_recipe_past_its_warm_up_with_a_real_batch():
+  config = common.bench_config("cifar10", method="sida")
+  recipe = __import__("configs.cifar10_uncond", fromlist=["get_config"]).get_config("sida")
+  assert config.method == "sida" and config.data.source == "mnist5k" and (config.data.resolution, config.data.channels) == (32, 3)
+  assert config.loss.sid_only_kimg == config.loss.critic_only_kimg == 0.0 and config.loss.adv_pool_size == config.batch_size
+  assert config.loss.discriminator_scale == recipe.loss.discriminator_scale
+  assert config.loss.adversarial_scale == recipe.loss.adversarial_scale and config.loss.alpha == recipe.loss.alpha
+  spec = bench_step.torch_spec("cifar10", method="sida")
+  assert (spec["lsd"], spec["lsg_gan"], spec["alpha"]) == (recipe.loss.discriminator_scale,
+                                                            recipe.loss.adversarial_scale, recipe.loss.alpha)
+  with pytest.raises(common.Skip, match="SiDA rows run on cifar10"):
+    common.bench_config("smoke", method="sida")
+
+
 def test_compare_torch_runs_the_official_step_alternately():
   """Needs $SIDA_TORCH_PYTHON (a Python with torch) and $SIDA_OFFICIAL_CODE (the official SiD code)."""
   import os  # pylint: disable=import-outside-toplevel
