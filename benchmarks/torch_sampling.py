@@ -17,11 +17,10 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import sys
 import time
 
-from torch_step import official_source, say
+from torch_step import official_source, say, serve
 
 
 def load_module(name: str, path: str):
@@ -72,16 +71,7 @@ def main(argv=None) -> None:
   finite = bool(torch.isfinite(one_step()).all()) and bool(torch.isfinite(heun()).all())
   say({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(), "finite": finite,
        "params_m": sum(p.numel() for p in net.parameters()) / 1e6, "warmup_s": time.perf_counter() - start})
-  for line in sys.stdin:
-    command = line.strip()
-    if command in ("one_step", "heun"):
-      start = time.perf_counter()
-      (one_step if command == "one_step" else heun)()
-      say({"seconds": time.perf_counter() - start})
-    elif command == "quit":
-      break
-  say({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30})
-
+  serve({"one_step": one_step, "heun": heun})
 
 if __name__ == "__main__":
   main()

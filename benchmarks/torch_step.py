@@ -44,6 +44,20 @@ def say(obj) -> None:
   print(json.dumps(obj), flush=True)
 
 
+def serve(commands: dict) -> None:
+  """Answers each stdin line naming one of `commands` with {"seconds": its run time}, until "quit"; then
+  prints {"peak_rss_gib": ...}."""
+  for line in sys.stdin:
+    command = line.strip()
+    if command == "quit":
+      break
+    if command in commands:
+      start = time.perf_counter()
+      commands[command]()
+      say({"seconds": time.perf_counter() - start})
+  say({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30})
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--official-code", required=True, help="the official SiD code (checkout or git dir)")
@@ -154,17 +168,13 @@ def main(argv=None) -> None:
   say({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
        "params_m": sum(p.numel() for p in true_score.parameters()) / 1e6,
        "warmup_s": time.perf_counter() - start})
-  nimg = n
-  for line in sys.stdin:
-    command = line.strip()
-    if command == "step":
-      start = time.perf_counter()
-      iteration(nimg)
-      nimg += n
-      say({"seconds": time.perf_counter() - start})
-    elif command == "quit":
-      break
-  say({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30})
+  images_seen = [n]
+
+  def step():
+    iteration(images_seen[0])
+    images_seen[0] += n
+
+  serve({"step": step})
 
 
 if __name__ == "__main__":
