@@ -48,8 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from sida_jax import host_memory
-from sida_jax import sampling
+from sida_jax import host_memory, sampling
 from sida_jax.losses.method import CRITIC_BUFFERS, CriticInputs, GeneratorInputs, Method, Networks
 from sida_jax.train import sharding as sharding_lib
 from sida_jax.train import state as state_lib
