@@ -111,6 +111,24 @@ def _alphas():
 
 
 @pytest.mark.slow
+def _sample_three(tmp_path, config, workdir, png_index):
+  """--mode sample of seeds 0-2 with the prompts 'a cat', 'a dog' (batch 2): (prompt file, samples.npz contents),
+  after checking the images, their prompts (i mod 2) and that PNG `png_index` is the stored image."""
+  prompts = tmp_path / 'sample.txt'
+  prompts.write_text('a cat\na dog\n')
+  with config.unlocked():
+    config.sample.prompts = str(prompts)
+    config.sample.seeds = '0-2'
+    config.sample.batch_size = 2
+  cli.run('sample', config, str(workdir))
+  samples = dict(np.load(workdir / 'samples' / 'samples.npz'))
+  assert samples['images'].shape == (3, 16, 16, 3) and samples['images'].dtype == np.uint8
+  assert list(samples['prompts']) == ['a cat', 'a dog', 'a cat']
+  png = np.asarray(PIL.Image.open(workdir / 'samples' / f'{png_index:06d}.png'))
+  np.testing.assert_array_equal(png, samples['images'][png_index])
+  return prompts, samples
+
+
 def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
   """LSG (κ = 2) through the loop: two steps, a resumed third, PNG samples and the FID of --mode eval. (That the κ
   of the config reach the step and change its losses is checked against the official code in test_lsg.py.)"""
@@ -132,18 +150,7 @@ def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
   assert recorded['class_name'] == 'UNet2DConditionModel' and recorded['init_kwargs']['cross_attention_dim'] == 32
 
   # --mode sample: PNGs decoded by the VAE, image i from seed i and prompt i mod their number.
-  prompts = tmp_path / 'sample.txt'
-  prompts.write_text('a cat\na dog\n')
-  with config.unlocked():
-    config.sample.prompts = str(prompts)
-    config.sample.seeds = '0-2'
-    config.sample.batch_size = 2
-  cli.run('sample', config, str(workdir))
-  samples = dict(np.load(workdir / 'samples' / 'samples.npz'))
-  assert samples['images'].shape == (3, 16, 16, 3) and samples['images'].dtype == np.uint8
-  assert list(samples['prompts']) == ['a cat', 'a dog', 'a cat']
-  png = np.asarray(PIL.Image.open(workdir / 'samples' / '000002.png'))
-  np.testing.assert_array_equal(png, samples['images'][2])
+  prompts, samples = _sample_three(tmp_path, config, workdir, png_index=2)
   # Only the prompt changed: seed 1 with 'a dog' again gives the same image, seed 0 with 'a dog' another.
   prompts.write_text('a dog\n')
   cli.run('sample', config, str(workdir))
@@ -304,17 +311,7 @@ def test_pixart_sim_trains_resumes_exactly_and_samples(tmp_path):
   assert recorded['class_name'] == 'PixArtTransformer2DModel' and recorded['init_sigma'] == 2.5
 
   # --mode sample: PNGs through the VAE; image i = VAE(D(2.5 z_i; 2.5, c(prompt i mod 2))) with the EMA weights.
-  prompts = tmp_path / 'sample.txt'
-  prompts.write_text('a cat\na dog\n')
-  with config.unlocked():
-    config.sample.prompts = str(prompts)
-    config.sample.seeds = '0-2'
-    config.sample.batch_size = 2
-  cli.run('sample', config, str(resumed))
-  samples = dict(np.load(resumed / 'samples' / 'samples.npz'))
-  assert samples['images'].shape == (3, 16, 16, 3) and list(samples['prompts']) == ['a cat', 'a dog', 'a cat']
-  png = np.asarray(PIL.Image.open(resumed / 'samples' / '000001.png'))
-  np.testing.assert_array_equal(png, samples['images'][1])
+  _, samples = _sample_three(tmp_path, config, resumed, png_index=1)
   from sida_jax import sampling  # pylint: disable=import-outside-toplevel
   z, _ = sampling.seed_noise([1], run.image_shape, 0, config.sample.rng)
   ema = {'params': jax.device_get(state.generator_ema)}
