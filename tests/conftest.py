@@ -69,6 +69,12 @@ def pytest_configure(config):
   config.addinivalue_line("markers", "fixtures_missing(reason, required): placeholder case of an absent fixture")
 
 
+def pytest_collection_modifyitems(config, items):
+  """The `slow` tests run first (otherwise in collection order), so that pytest-xdist's work stealing
+  (pytest.ini) ends the run with short tests on both workers instead of one long test on one."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_call(item):
   marker = item.get_closest_marker("fixtures_missing")
@@ -76,3 +82,20 @@ def pytest_runtest_call(item):
     if marker.kwargs.get("required"):
       pytest.fail(marker.args[0], pytrace=False)
     _missing(marker.args[0])
+
+
+COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits")
+
+
+@pytest.fixture
+def compile_events():
+  """The names of XLA compiles and persistent-cache hits recorded during the test, in order (a list the test
+  may also append its own markers to); the listeners are removed afterwards."""
+  events = []
+  on_duration = lambda name, _, **kw: events.append(name) if name in COMPILE_EVENTS else None  # noqa: E731
+  on_event = lambda name, **kw: events.append(name) if name in COMPILE_EVENTS else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(on_duration)
+  jax.monitoring.register_event_listener(on_event)
+  yield events
+  jax.monitoring.unregister_event_duration_listener(on_duration)
+  jax.monitoring.unregister_event_listener(on_event)

@@ -184,3 +184,25 @@ def test_restores_land_on_the_current_devices_whatever_the_saved_topology(tmp_pa
   state, _ = checkpoint.restore(mngr, target)
   assert state["w"].sharding.device_set == set(devices[4:6])
   np.testing.assert_array_equal(state["w"], values)
+
+
+def test_first_save_of_replicated_arrays_on_many_devices_compiles_nothing(tmp_path, compile_events):
+  # Orbax's replica-parallel writing would compile a slicing program per (shape, device) here: 8 x 12.
+  devices = jax.devices()
+  assert len(devices) == 8, "the test process has 8 fake CPU devices (conftest)"
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(3)
+  values = {f"w{i}": rng.normal(size=(8 * (1 + i % 3), 29 + i)).astype(np.float32) for i in range(12)}
+  state = {k: jax.device_put(v, replicated) for k, v in values.items()}
+  state["split"] = jax.device_put(values["w2"][:, :24], split)
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  checkpoint.save(mngr, 1, state, {"step": 1})
+  mngr.wait_until_finished()
+  assert compile_events == []
+  restored, _ = checkpoint.restore(mngr, state)
+  for k, v in values.items():
+    np.testing.assert_array_equal(restored[k], v)
+    assert restored[k].sharding == replicated
+  np.testing.assert_array_equal(restored["split"], values["w2"][:, :24])
