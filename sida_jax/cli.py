@@ -88,8 +88,8 @@ def _generator(config, workdir):
     # EDM's sampler keeps the schedule inside the network's own σ range (VE: σ_min = 0.02).
     sigma_min = max(0.002, float(getattr(net.module, "sigma_min", 0.0)))
     sigma_max = min(80.0, float(getattr(net.module, "sigma_max", float("inf"))))
-    fn = jax.jit(lambda z, y: sampling.heun_sample(denoiser, net.variables, z, y, num_steps=steps,
-                                                   sigma_min=sigma_min, sigma_max=sigma_max))
+    fn = sampling.with_weights(lambda v, z, y: sampling.heun_sample(
+        denoiser, v, z, y, num_steps=steps, sigma_min=sigma_min, sigma_max=sigma_max), net.variables)
     what = f"teacher, Heun {steps} steps (NFE {2 * steps - 1})"
   else:
     net = checkpoint.load_network(source, dtype=dtype)
@@ -98,7 +98,7 @@ def _generator(config, workdir):
     recorded = os.path.join(source, checkpoint.NETWORK_JSON)
     if os.path.isfile(recorded):   # a workdir records the level its generator was trained at (GDD: 80)
       init_sigma = checkpoint.read_json(recorded).get("init_sigma", init_sigma)
-    fn = jax.jit(lambda z, y: sampling.generate(denoiser, net.variables, z, y, init_sigma))
+    fn = sampling.with_weights(lambda v, z, y: sampling.generate(denoiser, v, z, y, init_sigma), net.variables)
     what = f"one-step generator from {source}"
   res, ch = int(net.init_kwargs["img_resolution"]), int(net.init_kwargs["img_channels"])
   return fn, (res, res, ch), denoiser.label_dim, what

@@ -1,7 +1,7 @@
 """Generation: the one-step generator, EDM's Heun sampler for teachers, and EDM-style per-image seeds."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,19 @@ def generate(generator: Denoiser, variables: dict, z: Array, labels: Optional[Ar
   out = generator(variables, init_sigma * z, sigma, labels, generator.zero_augment_labels(n),
                   train=train, rng=rng)
   return out.denoised
+
+
+class with_weights:  # pylint: disable=invalid-name  (used as a function)
+  """`sampler(variables, z, labels)` as a jitted `(z, labels) -> images` that takes the weights as an argument,
+  placed on the device once: closing over them instead would bake them into the program as constants, which
+  XLA then copies and folds (more compile time and host memory, and no sharing between networks)."""
+
+  def __init__(self, sampler: Callable[[dict, Array, Optional[Array]], Array], variables: dict):
+    self.jitted = jax.jit(sampler)
+    self.variables = jax.device_put(variables)
+
+  def __call__(self, z: Array, labels: Optional[Array]) -> Array:
+    return self.jitted(self.variables, z, labels)
 
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,

@@ -41,6 +41,30 @@ from sida_jax.train import sharding as sharding_lib
 Array = jax.Array
 
 
+# The jitted calls of the frozen networks live at module level, with the Flax module a static argument (modules
+# compare and hash by their fields): every TextConditioning of the same architecture (a run, its resume, its
+# sampling) shares one compiled program per shape instead of compiling its own.
+@functools.partial(jax.jit, static_argnames=('module', 'masked', 'out_sharding'))
+def _condition(variables: dict, tokens: dict, *, module: Any, masked: bool, out_sharding: Any = None) -> Any:
+  if masked:
+    ids, mask = tokens['input_ids'], tokens['attention_mask']
+    out = iddpm.text_condition(module.apply(variables, ids, mask), mask)
+  else:
+    out = module.apply(variables, tokens['input_ids'])
+  return out if out_sharding is None else jax.lax.with_sharding_constraint(out, out_sharding)
+
+
+@functools.partial(jax.jit, static_argnames=('module',))
+def _encode(variables: dict, ids: Array, *, module: Any) -> Array:
+  # SD pipelines call the text encoder without an attention mask (the padded positions condition too).
+  return module.apply(variables, ids)
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'scale'))
+def _decode(variables: dict, latents: Array, *, module: Any, scale: float) -> Array:
+  return module.apply(variables, latents / scale, method=module.decode)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextConditioning:
   """Tokenizer, frozen text encoder, empty-prompt embedding, VAE and (training) prompts of a T2I run."""
@@ -69,34 +93,27 @@ class TextConditioning:
     """int32 [n, L] token ids (see `tokens`)."""
     return self.tokens(prompts)['input_ids']
 
-  @functools.cached_property
-  def _encode(self) -> Callable:
-    # SD pipelines call the text encoder without an attention mask (the padded positions condition too).
-    return jax.jit(lambda variables, ids: self.text_encoder.module.apply(variables, ids))
-
-  def _condition_of(self, variables: dict, tokens: dict) -> Any:
-    if not self.masked:
-      return self.text_encoder.module.apply(variables, tokens['input_ids'])
-    ids, mask = tokens['input_ids'], tokens['attention_mask']
-    return iddpm.text_condition(self.text_encoder.module.apply(variables, ids, mask), mask)
+  def _condition_of(self, variables: dict, tokens: dict, out_sharding: Any = None) -> Any:
+    return _condition(variables, tokens, module=self.text_encoder.module, masked=self.masked,
+                      out_sharding=out_sharding)
 
   @functools.cached_property
   def _placed(self) -> dict:
     return {}
 
   def _placed_for(self, ids: Array) -> tuple:
-    """(weights, jitted condition function) for token ids: on the mesh `ids` are split over, the weights
+    """(weights, sharding of the conditions) for token ids: on the mesh `ids` are split over, the weights
     placed once by the parameters' rules (split along 'fsdp', replicated along 'data') and the conditions
-    split over the devices like the ids; for ids that are not, both on the default device."""
+    split over the devices like the ids; for ids that are not, the weights on the default device."""
     sharding = getattr(ids, 'sharding', None)
     mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
     if mesh not in self._placed:
       variables = self.text_encoder.variables
       if mesh is None:
-        self._placed[mesh] = (jax.device_put(variables), jax.jit(self._condition_of))
+        self._placed[mesh] = (jax.device_put(variables), None)
       else:
         layout = sharding_lib.Layout(mesh, self.min_shard_size)
-        self._placed[mesh] = (layout.place(variables), jax.jit(self._condition_of, out_shardings=layout.batch))
+        self._placed[mesh] = (layout.place(variables), layout.batch)
     return self._placed[mesh]
 
   def condition_shapes(self, batch_size: int) -> Any:
@@ -110,13 +127,14 @@ class TextConditioning:
   def embed(self, ids: Array) -> Array:
     """Embeddings [n, L, D] float32 of token ids, without a mask (SD); on the device(s) of `ids` (the encoder's
     weights are placed there once)."""
-    return self._encode(self._placed_for(ids)[0], ids)
+    return _encode(self._placed_for(ids)[0], ids, module=self.text_encoder.module)
 
   def condition(self, tokens: dict) -> Any:
     """The denoisers' condition from `tokens` (on the devices or host): SD's embeddings [n, L, D], or with
     `masked` {'embedding': T5(ids, mask), 'mask': mask}; split over a mesh like the tokens."""
-    variables, encode = self._placed_for(tokens['input_ids'])
-    return encode(variables, {k: tokens[k] for k in ('input_ids', 'attention_mask') if k in tokens})
+    variables, out_sharding = self._placed_for(tokens['input_ids'])
+    return self._condition_of(variables, {k: tokens[k] for k in ('input_ids', 'attention_mask') if k in tokens},
+                              out_sharding)
 
   def embed_prompts(self, prompts: Sequence[str]) -> Any:
     """The condition of `prompts` (see `condition`)."""
@@ -138,15 +156,10 @@ class TextConditioning:
     """`tokens` per phase (on the devices) -> {'labels': condition}, what the step conditions on."""
     return {phase: {'labels': self.condition(part)} for phase, part in batch.items()}
 
-  @functools.cached_property
-  def _decode(self) -> Callable:
-    scale = float(self.vae.config.get('scaling_factor', 0.18215))
-    return jax.jit(lambda variables, z: self.vae.module.apply(variables, z / scale,
-                                                              method=self.vae.module.decode))
-
   def decode(self, latents: Array) -> Array:
     """Images in [-1, 1], NHWC float32, from x0 latents (vae.decode(x0 / scaling_factor))."""
-    return self._decode(self.vae.variables, latents)
+    return _decode(self.vae.variables, latents, module=self.vae.module,
+                   scale=float(self.vae.config.get('scaling_factor', 0.18215)))
 
 
 def read_pipeline(folder: str, dtype: Any = jnp.float32, denoiser: bool = False,
@@ -197,7 +210,7 @@ def text_side(pipe: pretrained.Pipeline, dtype: Any = jnp.float32,
     null = np.zeros((null[iddpm.EMBEDDING] if text.masked else null).shape, np.float32)
   else:
     # Computed with the host weights, not kept on a device: the run places them on its mesh.
-    null = jax.jit(text._condition_of)(encoder.variables, tokens)  # pylint: disable=protected-access
+    null = text._condition_of(encoder.variables, tokens)  # pylint: disable=protected-access
     null = null[iddpm.EMBEDDING] if text.masked else null
   return dataclasses.replace(text, null_embedding=np.asarray(null, np.float32))
 

@@ -144,3 +144,19 @@ def test_generate_is_one_denoiser_call_at_init_sigma():
   np.testing.assert_allclose(out, ref, rtol=1e-6)
   other = sampling.generate(toy, toy_vars, z, labels[::-1], 1.7)
   assert not np.allclose(out, other)
+
+
+def test_with_weights_passes_the_weights_as_arguments_not_as_constants():
+  toy = toy_denoiser((1024,), label_dim=3, augment_dim=2)
+  variables = init_toy(toy, jax.random.key(3), (2, 2, 1))
+  z = jax.random.normal(jax.random.key(2), (2, 2, 2, 1))
+  labels = jnp.eye(3)[jnp.asarray([0, 2])]
+  fn = sampling.with_weights(lambda v, z, y: sampling.generate(toy, v, z, y, 1.7), variables)
+  np.testing.assert_allclose(fn(z, labels), sampling.generate(toy, variables, z, labels, 1.7), rtol=1e-5, atol=1e-6)
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(variables))
+  program = fn.jitted.lower(fn.variables, z, labels).as_text()
+  baked = jax.jit(lambda z, y: sampling.generate(toy, variables, z, y, 1.7)).lower(z, labels).as_text()
+  assert len(baked) > weight_bytes            # the weights written into the program (hex), as closing over does
+  assert len(program) < weight_bytes / 4      # here only their shapes
+  weights_info = fn.jitted.lower(fn.variables, z, labels).args_info[0][0]
+  assert jax.tree.structure(weights_info) == jax.tree.structure(variables)

@@ -197,7 +197,7 @@ def load_generator(source: str, teacher: str, dtype: Any, resolution: int = 0) -
   schedule = _schedule(part, pretrained.load_pipeline(teacher, parts=('scheduler',)).scheduler)
   denoiser = text_denoiser(network, schedule)
   init_sigma = float(info['init_sigma'])
-  generate = jax.jit(lambda z, y: sampling.generate(denoiser, variables, z, y, init_sigma))
+  generate = sampling.with_weights(lambda v, z, y: sampling.generate(denoiser, v, z, y, init_sigma), variables)
   text = text_to_image.load_text_side(teacher, dtype)
   shape = latent_shape(info['init_kwargs'], text.vae.config, resolution)
   return OneStepGenerator(generate, text, shape,
