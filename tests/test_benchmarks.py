@@ -57,6 +57,7 @@ def test_markdown_table_formats_and_marks_skipped_rows():
                                 "| a | 8 | 0.12 | – |", "| b | 2 | skipped: too big |  |"]
 
 
+@pytest.mark.slow
 def test_measure_step_smoke_reports_sane_fields():
   row = bench_step.measure_step("smoke", steps=2, devices=1)
   assert row["params_m"] * 1e6 == pytest.approx(_smoke_param_count())

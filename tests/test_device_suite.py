@@ -37,6 +37,7 @@ def _cells(line):
   return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
+@pytest.mark.slow
 def test_smoke_suite_runs_every_row(tmp_path):
   out = tmp_path / "table.md"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -338,6 +338,7 @@ def _residual_bytes(fn, variables):
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(residuals))
 
 
+@pytest.mark.slow
 def test_block_remat_keeps_outputs_and_gradients():
   """remat_blocks (config.remat='blocks'): the same variables, output and gradients in train mode with dropout,
   with fewer bytes kept for the backward pass."""

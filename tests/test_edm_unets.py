@@ -210,6 +210,7 @@ def test_block_remat_keeps_the_variables_and_keeps_fewer_bytes_for_the_backward_
   assert _residual_bytes(loss_fn(remat), variables) < 0.7 * _residual_bytes(loss_fn(module), variables)
 
 
+@pytest.mark.slow
 def test_block_remat_keeps_outputs_and_gradients():
   """remat_blocks (config.remat='blocks'): the same loss and gradients in train mode (dropout masks are
   replayed in the recomputation)."""

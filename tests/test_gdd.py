@@ -240,6 +240,7 @@ def test_bad_feature_sigmas_are_rejected():
     gdd.make(_config(feature_sigmas=(1.0, -2.0)), Networks(den, den, den))
 
 
+@pytest.mark.slow
 def test_gdd_step_does_not_depend_on_the_device_count_or_accumulation():
   """With gan_sum_size fixed, R1 (lazy, every 2nd iteration here) keeps its weight against the GAN terms
   whatever the per-device batch: one device (8 samples), eight (1 sample each), four with two accumulation
@@ -349,6 +350,7 @@ def _jit(fn):
   return jax.jit(fn, compiler_options=NO_OPT)
 
 
+@pytest.mark.slow
 def test_projected_discriminator_stages_match_the_official_reduction_and_buffer_order():
   """GDD's losses on the Projected-GAN discriminator: the official reduction of the logits of the official
   calls, in training mode with batch-norm groups of 2 (per-GPU batch), each stage's heads' buffers after its

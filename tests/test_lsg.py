@@ -289,6 +289,7 @@ def _projections(grads, seed):
                          np.linalg.norm(np.asarray(grads[k], np.float64))]) for k in sorted(grads)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['nocfg', 'lsg'])
 def test_t2i_step_losses_match_the_official_sid_lsg_code(case):
   """x_g, both losses and every gradient against the official sid_sd_sampler / sid_sd_denoise and loss lines on

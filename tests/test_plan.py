@@ -103,6 +103,7 @@ def test_compiled_scratch_and_the_fit_verdict():
   assert plan_lib.make_plan(config)["fits"]
 
 
+@pytest.mark.slow
 def test_block_remat_lowers_the_generator_phase_residuals():
   """Through build_run's wiring (the method's generator loss on rematerialised networks): the residuals per
   sample of the generator phase drop; 'full' keeps the peak of 'none' (the backward pass recomputes it all).

@@ -22,6 +22,7 @@ def _assert_close_to_scale(ours, ref, rel, what):
   assert err <= rel * scale, f"{what}: max err {err:.3g} > {rel} × {scale:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.fixtures
 @pytest.mark.parametrize("io_path", STEPS)
 def test_official_step_replay(io_path):

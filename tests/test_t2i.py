@@ -66,6 +66,7 @@ def test_build_run_wires_the_pipeline_into_the_shared_step(tmp_path):
 NO_OPT = {'xla_backend_optimization_level': 0}   # a tiny graph: compile time dominates
 
 
+@pytest.mark.slow
 def test_data_by_fsdp_mesh_trains_as_one_device(tmp_path):
   """config.mesh data=2 × fsdp=4 on the 8 test devices: the prompts' embeddings split over every device, the
   generator's, critic's and EMA's leaves split in four along 'fsdp', and two SiD-LSG steps (κ = 2) that equal the
@@ -110,7 +111,6 @@ def _alphas():
   return np.cumprod(1 - betas)
 
 
-@pytest.mark.slow
 def _sample_three(tmp_path, config, workdir, png_index):
   """--mode sample of seeds 0-2 with the prompts 'a cat', 'a dog' (batch 2): (prompt file, samples.npz contents),
   after checking the images, their prompts (i mod 2) and that PNG `png_index` is the stored image."""
@@ -129,6 +129,7 @@ def _sample_three(tmp_path, config, workdir, png_index):
   return prompts, samples
 
 
+@pytest.mark.slow
 def test_train_checkpoint_resume_sample_and_guidance(tmp_path):
   """LSG (κ = 2) through the loop: two steps, a resumed third, PNG samples and the FID of --mode eval. (That the κ
   of the config reach the step and change its losses is checked against the official code in test_lsg.py.)"""
@@ -254,6 +255,7 @@ def test_pixart_pipeline_builds_the_sim_run(tmp_path):
     run_lib.build_run(config)
 
 
+@pytest.mark.slow
 def test_pixart_gradient_accumulation_equals_the_full_batch(tmp_path):
   """Both phases' losses and gradients over k = 4 rounds equal one batch of 8 to fp32 precision
   (dataclasses.replace(spec, grad_accum=k)), with a critic away from the teacher (else the generator's y = 0).

@@ -4,6 +4,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 
 from sida_jax.checkpoint import load_network
 from sida_jax.train import teacher
@@ -26,6 +27,7 @@ def _config(total_kimg):
   return c
 
 
+@pytest.mark.slow
 def test_teacher_training_resumes_exactly_and_writes_the_network(tmp_path):
   config = _config(8 * 16 / 1000)
   straight = teacher.train_teacher(config, str(tmp_path / "a"))
