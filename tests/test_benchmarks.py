@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import ab_sampling  # noqa: E402
 import bench_sampling  # noqa: E402
 import bench_step  # noqa: E402
 import common  # noqa: E402
@@ -187,3 +188,11 @@ def test_profile_classifies_operations_by_contents_and_name_stack():
                                                         dimension_numbers=("NHWC", "OIHW", "NHWC")) ** 2)
   hlo = profile_step.parse_hlo(jax.jit(jax.grad(conv)).lower(w).compile().as_text())
   assert any(profile_step.classify(*entry).startswith("conv") for entry in hlo.values())
+
+
+@pytest.mark.parametrize("mode", ab_sampling.MODES)
+def test_ab_sampling_measures_either_way_of_passing_the_weights(mode):
+  row = ab_sampling.measure("smoke", mode, batch=2, repeats=2)
+  assert row["mode"] == mode
+  assert 0 < row["call_s"] < row["first_s"]     # the first call compiles
+  assert row["peak_rss_gib"] > 0.1 and row["load"] >= 0
