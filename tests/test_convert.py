@@ -106,3 +106,25 @@ def test_fresh_adm_init_is_official():
   np.testing.assert_allclose(w.std(), 1 / np.sqrt(3 * w.shape[1]), rtol=0.03)
   label = np.asarray(params['map_label']['weight'])  # kaiming_normal x sqrt(label_dim): std 1
   np.testing.assert_allclose(label.std(), 1.0, rtol=0.1)
+
+
+def test_fresh_init_is_compiled_once_per_architecture(compile_events):
+  """Two networks built apart with equal kwargs share one compiled init (a resume rebuilds its run); the
+  variables are module.init's for the key, and another architecture or key gives others."""
+  kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet', model_channels=8,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], embedding_type='positional',
+                encoder_type='standard', decoder_type='standard', channel_mult_noise=1, resample_filter=[1, 1])
+  first = convert.init_variables(build_network('EDMPrecond', kwargs), jax.random.key(4))
+  compiles = compile_events.count('/jax/core/compile/backend_compile_duration')
+  assert compiles >= 1
+  again = convert.init_variables(build_network('EDMPrecond', dict(kwargs)), jax.random.key(4))
+  other_key = convert.init_variables(build_network('EDMPrecond', dict(kwargs)), jax.random.key(5))
+  assert compile_events.count('/jax/core/compile/backend_compile_duration') == compiles
+  module = build_network('EDMPrecond', kwargs)
+  direct = jax.jit(module.init)(jax.random.key(4), *convert.example_inputs(module))
+  for a, b, c in zip(jax.tree.leaves(first), jax.tree.leaves(again), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, c, rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(other_key)))
+  convert.init_variables(build_network('EDMPrecond', {**kwargs, 'model_channels': 16}), jax.random.key(4))
+  assert compile_events.count('/jax/core/compile/backend_compile_duration') > compiles

@@ -194,6 +194,22 @@ def test_small_images_16_resized_conditional():
     ref.templates(vgg_only)
 
 
+def test_a_second_discriminator_of_the_same_architecture_compiles_no_init(compile_events):
+  """Built apart with equal settings (a resumed run's), it reuses the compiled inits: same key, same
+  variables, and no compile; another key gives other variables."""
+  def build():
+    return pg.ProjectedDiscriminator(backbones=(ref.reduced_specs()['tf_efficientnet_lite0'],), resolution=32,
+                                     interp224=False, label_dim=0, cout=8, ndf=16)
+  first = build().init(jax.random.key(7))
+  compiles = compile_events.count('/jax/core/compile/backend_compile_duration')
+  again = build().init(jax.random.key(7))
+  other = build().init(jax.random.key(8))
+  assert compile_events.count('/jax/core/compile/backend_compile_duration') == compiles
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first['heads']), jax.tree.leaves(other['heads'])))
+
+
 def test_init_follows_official_initialisers():
   """PyTorch defaults (U(±1/√fan_in)) for the random mixing convs and head convs, unit spectral-norm vectors,
   batch norm 1/0 with statistics 0/1, N(0, 1) class embeddings and projection weights; a given class table

@@ -70,14 +70,28 @@ def variables_template(module: nn.Module) -> Variables:
   return _trace(module)[0]
 
 
+_NO_OPT = {'xla_backend_optimization_level': 0}
+
+
+# Shared by every network of the same architecture (Flax modules compare and hash by their fields), so building
+# a run again in one process (a resume, the next run) compiles no new init.
+@functools.partial(jax.jit, static_argnums=0, compiler_options=_NO_OPT)
+def _init(module: nn.Module, rng: Array) -> Variables:
+  return module.init(rng, *example_inputs(module))
+
+
 def init_variables(module: nn.Module, rng: Array) -> Variables:
   """Freshly initialised variables with the official initialisers.
 
   Compiled without backend optimisation: the one-off run is cheap, while optimising the hundreds of
   random-number generators of a U-Net's init would cost several times longer compiles.
   """
-  init = jax.jit(module.init, compiler_options={'xla_backend_optimization_level': 0})
-  return dict(init(rng, *example_inputs(module)))
+  try:
+    hash(module)
+  except TypeError:   # a field that cannot be hashed (a list): a jit of its own
+    return dict(jax.jit(module.init, compiler_options=_NO_OPT)(rng, *example_inputs(module)))
+  return dict(_init(module, rng))
+
 
 
 def count_params(variables: Variables) -> int:

@@ -40,6 +40,7 @@ defaults; spectral-norm start vectors normalize(N(0, 1)); N(0, 1) embedding and 
 from any torch run since the random streams differ.
 """
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
@@ -63,6 +64,27 @@ HEAD_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128
 VIT_INPUT_SIZE = 224
 EMBEDDING_SHAPE = (1000, 320)  # GDD's pretrained class embeddings, in_embeddings/tf_efficientnet_lite0.pkl
 _NO_OPT = {'xla_backend_optimization_level': 0}
+
+
+# Fresh variables are made by jitted inits shared by every discriminator of the same architecture (Flax modules
+# compare and hash by their fields), so building a run again in a process (a resume, a second run) compiles
+# nothing new. Compiled without backend optimisation: optimising hundreds of random-number generators costs
+# far more compile time than the one-off run saves.
+@functools.partial(jax.jit, static_argnums=(0, 2), compiler_options=_NO_OPT)
+def _init_features(features: nn.Module, rng: jax.Array, resolution: int) -> dict:
+  return features.init(rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_map_shapes(features: nn.Module, resolution: int) -> Any:
+  """ShapeDtypeStructs of the feature maps of one image (tracing the feature networks is slow)."""
+  images = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
+  return jax.eval_shape(lambda x: features.apply(features.init(jax.random.key(0), x), x), images)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), compiler_options=_NO_OPT)
+def _init_heads(heads: nn.Module, rng: jax.Array, maps: Any, labels: Optional[jax.Array]) -> dict:
+  return heads.init(rng, maps, labels, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,8 +463,7 @@ class ProjectedDiscriminator:
       return (csm_channels(self.cout, self.expand),) * len(self.specs)
     if self.proj_type == 1:
       return (ccm_channels(self.cout, self.expand),) * len(self.specs)
-    shapes = jax.eval_shape(lambda: self.features.init(jax.random.key(0), self._example_images()))
-    maps = jax.eval_shape(lambda v: self.features.apply(v, self._example_images()), shapes)
+    maps = _feature_map_shapes(self.features, self.resolution)
     return tuple(tuple(m.shape[-1] for m in per_backbone) for per_backbone in maps)
 
   @property
@@ -466,17 +487,13 @@ class ProjectedDiscriminator:
 
   def init_features(self, rng: Array) -> dict:
     """The frozen feature networks' fresh variables (`init`'s 'features' for the same key)."""
-    # Compiled without backend optimisation: optimising hundreds of random-number generators costs far
-    # more compile time than the one-off run saves.
-    return dict(jax.jit(self.features.init, compiler_options=_NO_OPT)(rng, self._example_images()))
+    return dict(_init_features(self.features, rng, self.resolution))
 
   def init_heads(self, rng: Array, class_embedding: Optional[np.ndarray] = None) -> dict:
     """The heads' fresh variables (`init`'s 'heads' for the same key); only the maps' shapes are computed."""
-    images = self._example_images()
-    shapes = jax.eval_shape(lambda: self.features.apply(self.features.init(jax.random.key(0), images), images))
-    maps = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    heads = dict(jax.jit(self.heads.init, static_argnums=3, compiler_options=_NO_OPT)(
-        rng, maps, self._example_labels(), False))
+    maps = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                  _feature_map_shapes(self.features, self.resolution))
+    heads = dict(_init_heads(self.heads, rng, maps, self._example_labels()))
     if class_embedding is not None:
       heads = set_class_embedding(heads, class_embedding)
     return heads
