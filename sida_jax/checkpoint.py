@@ -39,8 +39,8 @@ class CheckpointError(ValueError):
 
 
 # Replica-parallel writing lets the hosts holding copies of a replicated array write a slice each. It compiles
-# one small slicing program per (array shape, device) on a process's first save: 960 compiles and about a
-# minute for 120 replicated arrays on 8 devices. In one process there is one writer anyway, so it is off; over
+# one small slicing program per (array shape, device) on a process's first save: 960 compiles and 40 s
+# for 120 replicated arrays on 8 devices. In one process there is one writer anyway, so it is off; over
 # several hosts it is kept for slices of at least this size, where splitting the write pays for the compile.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 4 << 20
 

@@ -93,7 +93,6 @@ def init_variables(module: nn.Module, rng: Array) -> Variables:
   return dict(_init(module, rng))
 
 
-
 def count_params(variables: Variables) -> int:
   """Number of trainable parameters (works on templates too)."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(variables['params']))
