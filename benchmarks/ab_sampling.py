@@ -22,13 +22,10 @@ MODES = ("arguments", "constants")
 def measure(config: str, mode: str, batch: int, repeats: int) -> dict:
   """One process's numbers (run in a child: the peak RSS is the process's)."""
   import jax  # pylint: disable=import-outside-toplevel
+  import bench_sampling  # pylint: disable=import-outside-toplevel
   import common  # pylint: disable=import-outside-toplevel
   from sida_jax import sampling  # pylint: disable=import-outside-toplevel
-  from sida_jax.train import run as run_lib  # pylint: disable=import-outside-toplevel
-  run = run_lib.build_run(common.bench_config(config, "float32"))
-  z = jax.random.normal(jax.random.key(0), (batch, *run.image_shape))
-  label_dim = run.nets.generator.label_dim
-  labels = jax.nn.one_hot(jax.numpy.zeros((batch,), int), label_dim) if label_dim else None
+  run, z, labels, _, _ = bench_sampling.samplers(config, batch, heun_steps=1)
   variables, generator, sigma = run.teacher.variables, run.nets.generator, run.spec.init_sigma
   if mode == "constants":
     baked = jax.jit(lambda z, y: sampling.generate(generator, variables, z, y, sigma))

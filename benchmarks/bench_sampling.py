@@ -78,7 +78,7 @@ def measure_sampling(name: str, batch_size: Optional[int] = None, heun_steps: in
   return rows
 
 
-def _samplers(name: str, batch: int, heun_steps: int):
+def samplers(name: str, batch: int, heun_steps: int):
   """(variables, z, labels, one-step fn, Heun fn) of one config: jitted, on fixed latents."""
   run = run_lib.build_run(common.bench_config(name, "float32"))
   z = jax.random.normal(jax.random.key(0), (batch, *run.image_shape))
@@ -92,7 +92,7 @@ def _samplers(name: str, batch: int, heun_steps: int):
 def serve_sampling(name: str, batch: int, images: int, heun_steps: int) -> None:
   """The JAX side of --compare-torch: compiles both samplers, prints {"ready": ...}, then answers "one_step"
   (`images` images in calls of `batch`) and "heun" (one batch) with {"seconds": s}, until "quit"."""
-  run, z, labels, one_step, heun = _samplers(name, batch, heun_steps)
+  run, z, labels, one_step, heun = samplers(name, batch, heun_steps)
   variables = run.teacher.variables
   compiled = {}
   for key, fn in (("one_step", one_step), ("heun", heun)):

@@ -178,7 +178,7 @@ def compare_torch(args: argparse.Namespace, name: str) -> dict:
   check = subprocess.run([torch_python, "-c", "import torch"], capture_output=True, text=True)
   if check.returncode:
     raise common.Skip(f"--compare-torch: {torch_python} cannot import torch")
-  method = getattr(args, "method", "sid")
+  method = args.method
   spec = torch_spec(name, args.batch or None, method)
   here = os.path.dirname(os.path.abspath(__file__))
   jax_command = [sys.executable, os.path.abspath(__file__), "--serve", "--method", method, "--configs", name,

@@ -72,11 +72,13 @@ def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = 
   method='sida' (cifar10 only): the CIFAR-10 SiDA recipe's loss settings past its warm-up (the GAN terms on from
   the first step) with MNIST-5k digits at 32×32×3 as the real batch.
   """
+  if method not in ("sid", "sida"):
+    raise ValueError(f"benchmark method {method!r}: expected sid or sida")
   if name == "smoke":
     config = smoke.get_config()
     config.network.kwargs = SMOKE_KWARGS
   elif name == "cifar10":
-    config = cifar10_uncond.get_config(method if method in ("sid", "sida") else "sid")
+    config = cifar10_uncond.get_config(method)
     config.network.class_name = "EDMPrecond"
     config.network.kwargs = CIFAR10_DDPMPP_KWARGS
   elif name in ("edm2-xs", "edm2-s"):
@@ -111,8 +113,6 @@ def bench_config(name: str, dtype: str = "float32", batch_size: Optional[int] = 
     config.loss.sid_only_kimg = config.loss.critic_only_kimg = 0.0
     config.loss.adv_pool_size = config.batch_size   # one process: the official per-GPU pool is the whole batch
     config.data.update(source="mnist5k", resolution=32, channels=3, use_labels=False)
-  elif method != "sid":
-    raise ValueError(f"benchmark method {method!r}: expected sid or sida")
   return config
 
 
