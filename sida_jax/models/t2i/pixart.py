@@ -339,11 +339,6 @@ def params_template(net: PixArtTransformer2DModel) -> Any:
   return jax.eval_shape(lambda: net.init(jax.random.key(0), *example_inputs(net)))['params']
 
 
-def init_variables(net: PixArtTransformer2DModel, rng: Array) -> dict:
-  """Fresh variables with PyTorch's default initialisers (diffusers' constructor initialisation)."""
-  return dict(jax.jit(net.init)(rng, *example_inputs(net)))
-
-
 def variables_from_state_dict(net: PixArtTransformer2DModel, state_dict: Mapping[str, Any]) -> dict:
   """Strict 1:1 copy of a diffusers state_dict (name → array) into `net`'s variables, float32."""
   return strict_variables(state_dict, params_template(net), 'PixArtTransformer2DModel state_dict')

@@ -224,11 +224,6 @@ def params_template(encoder: T5EncoderModel) -> Any:
   return jax.eval_shape(lambda: encoder.init(jax.random.key(0), *example_inputs(encoder)))['params']
 
 
-def init_variables(encoder: T5EncoderModel, rng: Array) -> dict:
-  """Fresh variables (standard-normal embedding, as T5's initialiser; PyTorch defaults elsewhere)."""
-  return dict(jax.jit(encoder.init)(rng, *example_inputs(encoder)))
-
-
 def variables_from_state_dict(encoder: T5EncoderModel, state_dict: Mapping[str, Any]) -> dict:
   """Strict 1:1 copy of a transformers T5EncoderModel state_dict into `encoder`'s variables, float32.
 
