@@ -1,7 +1,9 @@
 """Smoke checks of the benchmark scripts' core functions (no timing assertions)."""
 import math
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 
 import jax
@@ -196,3 +198,55 @@ def test_ab_sampling_measures_either_way_of_passing_the_weights(mode):
   assert row["mode"] == mode
   assert 0 < row["call_s"] < row["first_s"]     # the first call compiles
   assert row["peak_rss_gib"] > 0.1 and row["load"] >= 0
+
+
+def test_compile_split_sums_the_parts_and_their_shares():
+  import compile_split  # pylint: disable=import-outside-toplevel
+  record = lambda test, wall, compile_s, trace, lower, load, n, misses, hits: dict(
+      test=test, wall_s=wall, compile_s=compile_s, trace_s=trace, lower_s=lower, cache_load_s=load, compiles=n,
+      cache_misses=misses, cache_hits=hits)
+  table = compile_split.summarize([record("tests/test_a.py::x", 10.0, 6.0, 1.0, 0.5, 0.5, 3, 1, 0),
+                                   record("tests/test_a.py::y", 5.0, 1.5, 0.5, 0.0, 1.0, 2, 0, 1),
+                                   record("tests/test_b.py::z", 5.0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0)])
+  lines = table.splitlines()
+  assert "| XLA compiling (5 programs; 1 persistent-cache misses, 1 hits) | 7.5 | 37.5 % |" in lines
+  assert "| tracing | 1.5 | 7.5 % |" in lines and "| loading programs from the persistent cache | 1.5 | 7.5 % |" in lines
+  assert "| everything else (running, Python, I/O, subprocesses) | 9.0 | 45.0 % |" in lines
+  assert "| all 3 test calls | 20.0 | |" in lines
+  assert lines.index("| tests/test_a.py | 2 | 15.0 | 7.5 |") < lines.index("| tests/test_b.py | 1 | 5.0 | 0.0 |")
+  with pytest.raises(ValueError, match="no test records"):
+    compile_split.summarize([])
+
+
+def test_compile_split_plugin_records_compiles_and_persistent_cache_hits(tmp_path):
+  """Two pytest runs of one test file with the plugin and a persistent cache: the first compiles (a miss),
+  the second loads the same program (a hit, no miss); a test without JAX records nothing but its time."""
+  import compile_split  # pylint: disable=import-outside-toplevel
+  (tmp_path / "test_tiny.py").write_text(
+      "import jax, jax.numpy as jnp\n\n"
+      "def test_compiles():\n"
+      "  assert float(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.float32(0.5))) > 1\n\n"
+      "def test_no_jax():\n"
+      "  assert sum(range(4)) == 6\n")
+  benchmarks = pathlib.Path(compile_split.__file__).parent
+  runs = []
+  for run in range(2):
+    out = tmp_path / f"run{run}.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(benchmarks), SIDA_COMPILE_SPLIT_OUT=str(out),
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "compile_split", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", str(tmp_path / "test_tiny.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs.append({r["test"].split("::")[-1]: r for r in compile_split.read_records(str(out))})
+  first, second = runs
+  assert first["test_compiles"]["compiles"] >= 1 and first["test_compiles"]["compile_s"] > 0
+  assert first["test_compiles"]["trace_s"] > 0 and first["test_compiles"]["lower_s"] > 0
+  assert first["test_compiles"]["cache_misses"] >= 1 and first["test_compiles"]["cache_hits"] == 0
+  assert second["test_compiles"]["cache_hits"] >= 1 and second["test_compiles"]["cache_misses"] == 0
+  assert second["test_compiles"]["cache_load_s"] > 0
+  for field in ("compiles", "compile_s", "trace_s", "lower_s", "cache_load_s", "cache_hits", "cache_misses"):
+    assert first["test_no_jax"][field] == 0
+  assert first["test_no_jax"]["wall_s"] >= 0
+  assert "| all 2 test calls |" in compile_split.summarize(first.values())
