@@ -70,12 +70,14 @@ def variables_template(module: nn.Module) -> Variables:
   return _trace(module)[0]
 
 
-_NO_OPT = {'xla_backend_optimization_level': 0}
+# Fresh inits are one-off runs of hundreds of random-number generators: optimising them costs far more compile
+# time than it saves (shared with the projected-GAN discriminator's inits).
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 # Shared by every network of the same architecture (Flax modules compare and hash by their fields), so building
 # a run again in one process (a resume, the next run) compiles no new init.
-@functools.partial(jax.jit, static_argnums=0, compiler_options=_NO_OPT)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=INIT_COMPILER_OPTIONS)
 def _init(module: nn.Module, rng: Array) -> Variables:
   return module.init(rng, *example_inputs(module))
 
@@ -89,7 +91,7 @@ def init_variables(module: nn.Module, rng: Array) -> Variables:
   try:
     hash(module)
   except TypeError:   # a field that cannot be hashed (a list): a jit of its own
-    return dict(jax.jit(module.init, compiler_options=_NO_OPT)(rng, *example_inputs(module)))
+    return dict(jax.jit(module.init, compiler_options=INIT_COMPILER_OPTIONS)(rng, *example_inputs(module)))
   return dict(_init(module, rng))
 
 

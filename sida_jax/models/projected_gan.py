@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sida_jax.models import convert
 from sida_jax.models.backbones import deit, efficientnet, torch_layers, vgg
 
 Array = jax.Array
@@ -63,14 +64,12 @@ VIT_READOUT_FEATURES = {'tiny': (24, 48, 96, 192), 'small': (48, 96, 192, 384), 
 HEAD_CHANNELS = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 VIT_INPUT_SIZE = 224
 EMBEDDING_SHAPE = (1000, 320)  # GDD's pretrained class embeddings, in_embeddings/tf_efficientnet_lite0.pkl
-_NO_OPT = {'xla_backend_optimization_level': 0}
 
 
 # Fresh variables are made by jitted inits shared by every discriminator of the same architecture (Flax modules
 # compare and hash by their fields), so building a run again in a process (a resume, a second run) compiles
-# nothing new. Compiled without backend optimisation: optimising hundreds of random-number generators costs
-# far more compile time than the one-off run saves.
-@functools.partial(jax.jit, static_argnums=(0, 2), compiler_options=_NO_OPT)
+# nothing new.
+@functools.partial(jax.jit, static_argnums=(0, 2), compiler_options=convert.INIT_COMPILER_OPTIONS)
 def _init_features(features: nn.Module, rng: jax.Array, resolution: int) -> dict:
   return features.init(rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))
 
@@ -82,7 +81,7 @@ def _feature_map_shapes(features: nn.Module, resolution: int) -> Any:
   return jax.eval_shape(lambda x: features.apply(features.init(jax.random.key(0), x), x), images)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), compiler_options=_NO_OPT)
+@functools.partial(jax.jit, static_argnums=(0,), compiler_options=convert.INIT_COMPILER_OPTIONS)
 def _init_heads(heads: nn.Module, rng: jax.Array, maps: Any, labels: Optional[jax.Array]) -> dict:
   return heads.init(rng, maps, labels, False)
 
@@ -551,9 +550,9 @@ _CONVERTERS = ((vgg.VGG, vgg.variables_from_state_dict),
 
 def load_backbone_state_dict(module: nn.Module, state_dict: Mapping[str, Any]) -> dict:
   """Strict conversion of a torchvision/timm state_dict with the converter of `module`'s family."""
-  for cls, convert in _CONVERTERS:
+  for cls, from_state_dict in _CONVERTERS:
     if isinstance(module, cls):
-      return convert(module, state_dict)
+      return from_state_dict(module, state_dict)
   raise ValueError(f'no state_dict converter for {type(module).__name__}')
 
 
